@@ -1,0 +1,88 @@
+"""What the shard stage hands to training and inference.
+
+``training_examples``: one row per (user, listing) with its aggregated, decayed weight and the
+listing's encoded features denormalised onto it, so a loader streams rows without any join.
+``listing_features``: one row per indexed listing with the same encoded features; inference
+embeds every active listing from it. ``holdout``: the held-out events, for evaluation.
+"""
+
+from pyspark.sql.types import (
+    BooleanType,
+    FloatType,
+    IntegerType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from schemas._spec import TableSpec
+
+# Integer-coded listing features, in the order the model's listing tower embeds them.
+CATEGORICAL_CODES = (
+    "make_code",
+    "model_code",
+    "body_type_code",
+    "fuel_type_code",
+    "transmission_code",
+    "colour_code",
+    "year_bucket",
+    "mileage_bucket",
+    "price_bucket",
+    "power_bucket",
+    "geo_cell",
+)
+# Continuous features, already normalised (z-scores), fed to the tower as a dense vector.
+DENSE_FEATURES = ("lat_norm", "lon_norm", "log_price_norm", "mileage_norm", "age_norm")
+
+_FEATURE_FIELDS = [StructField(c, IntegerType(), nullable=False) for c in CATEGORICAL_CODES] + [
+    StructField(c, FloatType(), nullable=False) for c in DENSE_FEATURES
+]
+
+SCHEMA = StructType(
+    [
+        StructField("user_idx", IntegerType(), nullable=False),
+        StructField("listing_idx", IntegerType(), nullable=False),
+        StructField("weight", FloatType(), nullable=False),
+        # log of the listing's share of training examples: the sampling-bias (log-Q) correction.
+        StructField("log_q", FloatType(), nullable=False),
+        *_FEATURE_FIELDS,
+    ]
+)
+SPEC = TableSpec(name="training_examples", schema=SCHEMA, key=("user_idx", "listing_idx"))
+
+LISTING_FEATURES_SCHEMA = StructType(
+    [
+        StructField("listing_idx", IntegerType(), nullable=False),
+        StructField("listing_id", StringType(), nullable=False),
+        StructField("is_active", BooleanType(), nullable=False),
+        # False for listings no training example mentions: embedded from features alone.
+        StructField("has_interactions", BooleanType(), nullable=False),
+        *_FEATURE_FIELDS,
+    ]
+)
+LISTING_FEATURES_SPEC = TableSpec(
+    name="listing_features", schema=LISTING_FEATURES_SCHEMA, key=("listing_idx",)
+)
+
+HOLDOUT_SCHEMA = StructType(
+    [
+        StructField("user_id", StringType(), nullable=False),
+        StructField("listing_id", StringType(), nullable=False),
+        StructField("event_type", StringType(), nullable=False),
+        StructField("event_ts", TimestampType(), nullable=False),
+        StructField("session_id", StringType(), nullable=True),
+    ]
+)
+HOLDOUT_SPEC = TableSpec(name="holdout", schema=HOLDOUT_SCHEMA)
+
+VOCABULARY_SCHEMA = StructType(
+    [
+        StructField("id", StringType(), nullable=False),
+        StructField("idx", IntegerType(), nullable=False),
+    ]
+)
+USER_VOCABULARY_SPEC = TableSpec(name="user_vocabulary", schema=VOCABULARY_SCHEMA, key=("id",))
+LISTING_VOCABULARY_SPEC = TableSpec(
+    name="listing_vocabulary", schema=VOCABULARY_SCHEMA, key=("id",)
+)
