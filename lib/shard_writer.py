@@ -1,0 +1,153 @@
+"""Writes one run's training shards directory: vocabularies, examples, features, holdout, manifest.
+
+This is the shard stage's IO: it wires the pure transforms of ``lib.shards`` and
+``lib.features`` together, writes each output once, and swaps the directory in only when
+everything is written, so a failed run leaves the previous shards untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from lib import features, shards, validation
+from lib.parquet_io import StagedDirectory, parquet_files, read_parquet, write_json, write_parquet
+from schemas import interactions, training_examples
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardParams:
+    run_date: dt.date
+    lookback_days: int = 90
+    holdout_days: int = 2
+    event_weights: tuple[tuple[str, float], ...] = (("view", 1.0), ("save", 3.0), ("contact", 5.0))
+    half_life_days: float = 21.0
+    max_events_per_user_day: int = 300
+    num_files: int = 8
+    seed: int = 7
+
+
+def _write_vocabulary(
+    spark: SparkSession, ids: DataFrame, name: str, out: Path, previous_shards: str | None
+) -> DataFrame:
+    spec = (
+        training_examples.LISTING_VOCABULARY_SPEC
+        if name == "listings"
+        else training_examples.USER_VOCABULARY_SPEC
+    )
+    prior = (
+        read_parquet(spark, f"{previous_shards}/vocab/{name}", spec) if previous_shards else None
+    )
+    write_parquet(shards.extend_vocabulary(ids, prior), out / "vocab" / name, spec)
+    # Read back what was written: later steps use the stored indices, never a recomputation.
+    return read_parquet(spark, out / "vocab" / name, spec)
+
+
+def write_shards(
+    spark: SparkSession,
+    events: DataFrame,
+    snapshot: DataFrame,
+    out_dir: str,
+    params: ShardParams,
+    *,
+    previous_shards: str | None = None,
+    input_versions: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Clean, weight, index and encode; write everything under ``out_dir``; return the manifest."""
+    started = time.perf_counter()
+    tagged = shards.tag_drop_reasons(
+        events,
+        snapshot,
+        run_date=params.run_date,
+        lookback_days=params.lookback_days,
+        event_types=tuple(name for name, _ in params.event_weights),
+        max_events_per_user_day=params.max_events_per_user_day,
+    ).persist()
+    counts = {
+        f"dropped_{reason}": n for reason, n in tagged.groupBy("drop_reason").count().collect()
+    }
+    counts["events_kept"] = counts.pop("dropped_None", 0)
+    validation.require_rows(counts["events_kept"], interactions.SPEC.name, "in the window")
+    kept = tagged.where(F.col("drop_reason").isNull()).drop("drop_reason")
+    train_events, holdout = shards.split_holdout(
+        kept, run_date=params.run_date, holdout_days=params.holdout_days
+    )
+
+    with StagedDirectory(out_dir) as out:
+        listing_ids = snapshot.select(F.col("listing_id").alias("id"))
+        user_ids = train_events.select(F.col("user_id").alias("id"))
+        listing_vocab = _write_vocabulary(spark, listing_ids, "listings", out, previous_shards)
+        user_vocab = _write_vocabulary(spark, user_ids, "users", out, previous_shards)
+
+        encoding = features.fit_feature_encoding(snapshot, run_date=params.run_date)
+        encoded = features.encode_listing_features(snapshot, listing_vocab, encoding).persist()
+        weighted = shards.weight_interactions(
+            train_events,
+            run_date=params.run_date,
+            event_weights=dict(params.event_weights),
+            half_life_days=params.half_life_days,
+        )
+        examples = shards.assemble_training_examples(weighted, user_vocab, encoded)
+        write_parquet(
+            shards.shuffle_into_files(examples, num_files=params.num_files, seed=params.seed),
+            out / "train",
+            training_examples.SPEC,
+            row_group_bytes=8 << 20,
+        )
+        written = read_parquet(spark, out / "train", training_examples.SPEC)
+        write_parquet(
+            shards.mark_listings_with_interactions(encoded, written).coalesce(1),
+            out / "listing_features",
+            training_examples.LISTING_FEATURES_SPEC,
+        )
+        write_parquet(
+            holdout.select(*training_examples.HOLDOUT_SCHEMA.fieldNames()),
+            out / "holdout",
+            training_examples.HOLDOUT_SPEC,
+        )
+        tagged.unpersist()
+        encoded.unpersist()
+
+        listing_features = read_parquet(
+            spark, out / "listing_features", training_examples.LISTING_FEATURES_SPEC
+        )
+        counts.update(
+            listing_features.agg(
+                F.count(F.lit(1)).alias("listings"),
+                F.sum(F.col("is_active").cast("long")).alias("active_listings"),
+                F.sum((F.col("is_active") & ~F.col("has_interactions")).cast("long")).alias(
+                    "cold_listings"
+                ),
+            )
+            .first()
+            .asDict()
+        )
+        counts["training_examples"] = written.count()
+        counts["holdout_events"] = read_parquet(
+            spark, out / "holdout", training_examples.HOLDOUT_SPEC
+        ).count()
+        manifest = {
+            "schema_version": training_examples.SPEC.version,
+            "run_date": params.run_date.isoformat(),
+            "num_users": user_vocab.agg(F.max("idx")).first()[0] + 1,
+            "num_listings": listing_vocab.agg(F.max("idx")).first()[0] + 1,
+            "cardinalities": features.cardinalities(encoding),
+            "dense_features": list(training_examples.DENSE_FEATURES),
+            "train_files": [f"train/{f}" for f in parquet_files(out / "train")],
+            "counts": counts,
+            "encodings": encoding,
+            "parameters": asdict(params),
+            "previous_shards": previous_shards,
+            "input_versions": input_versions or {},
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        write_json(out / MANIFEST, manifest)
+    return manifest
