@@ -1,0 +1,73 @@
+import datetime as dt
+
+import numpy as np
+import pytest
+from chispa import assert_df_equality
+
+from lib import neighbours
+from lib.schema_check import check_matches
+from schemas import listing_neighbours
+
+
+def embeddings_df(spark, vectors: np.ndarray):
+    rows = [(f"L{i:03d}", [float(x) for x in v]) for i, v in enumerate(vectors)]
+    return spark.createDataFrame(rows, "listing_id string, embedding array<float>")
+
+
+def brute_force(vectors: np.ndarray, k: int) -> dict[str, list[str]]:
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = unit @ unit.T
+    np.fill_diagonal(scores, -np.inf)
+    return {
+        f"L{i:03d}": [f"L{j:03d}" for j in np.argsort(-scores[i], kind="stable")[:k]]
+        for i in range(len(vectors))
+    }
+
+
+@pytest.mark.parametrize("num_blocks", [1, 3])
+def test_exact_top_k_matches_brute_force(spark, num_blocks):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(60, 8)).astype(np.float32)
+    got = neighbours.exact_top_k(embeddings_df(spark, vectors), k=5, num_blocks=num_blocks)
+    rows = got.collect()
+    by_listing: dict[str, list] = {}
+    for r in sorted(rows, key=lambda r: (r.listing_id, r.rank)):
+        by_listing.setdefault(r.listing_id, []).append(r)
+    assert {lid: [r.neighbour_id for r in rs] for lid, rs in by_listing.items()} == brute_force(
+        vectors, 5
+    )
+    for lid, rs in by_listing.items():
+        assert [r.rank for r in rs] == [1, 2, 3, 4, 5]
+        assert all(r.neighbour_id != lid for r in rs)
+        scores = [r.score for r in rs]
+        assert scores == sorted(scores, reverse=True)
+        assert all(-1.0 - 1e-5 <= s <= 1.0 + 1e-5 for s in scores)
+
+
+def test_exact_top_k_returns_fewer_when_catalogue_is_smaller_than_k(spark):
+    vectors = np.eye(3, dtype=np.float32) + 0.1
+    got = neighbours.exact_top_k(embeddings_df(spark, vectors), k=5, num_blocks=2)
+    counts = {r.listing_id: r["count"] for r in got.groupBy("listing_id").count().collect()}
+    assert counts == {"L000": 2, "L001": 2, "L002": 2}
+
+
+def test_merge_top_k_breaks_ties_by_neighbour_id_and_dedupes(spark):
+    candidates = spark.createDataFrame(
+        [("a", "c", 0.5), ("a", "b", 0.5), ("a", "b", 0.5), ("a", "d", 0.9), ("a", "e", 0.1)],
+        "listing_id string, neighbour_id string, score float",
+    )
+    got = neighbours.merge_top_k(candidates, k=3)
+    expected = spark.createDataFrame(
+        [("a", "d", 1, 0.9), ("a", "b", 2, 0.5), ("a", "c", 3, 0.5)],
+        "listing_id string, neighbour_id string, rank int, score float",
+    )
+    assert_df_equality(got, expected, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_to_neighbours_table_matches_contract(spark):
+    top = spark.createDataFrame(
+        [("a", "b", 1, 0.9)], "listing_id string, neighbour_id string, rank int, score float"
+    )
+    table = neighbours.to_neighbours_table(top, model_version="m1", run_date=dt.date(2026, 11, 20))
+    check_matches(table, listing_neighbours.SPEC)
+    assert table.first().run_date == dt.date(2026, 11, 20)
