@@ -16,29 +16,29 @@ from schemas import listing_embeddings, training_examples
 
 _EMBEDDING_SCHEMA = "listing_id string, embedding array<float>, is_cold_start boolean"
 # One model per Python worker process, reused across the tasks that worker runs.
-_MODELS: dict[int, object] = {}
+_MODELS: dict[str, object] = {}
 
 
-def _model(artifact: Broadcast):
-    if artifact.id not in _MODELS:
+def _model(artifact: Broadcast, model_version: str):
+    if model_version not in _MODELS:
         import torch
 
         from lib.training import load_artifact
 
         torch.set_num_threads(1)  # one worker per core already
         _MODELS.clear()
-        _MODELS[artifact.id], _ = load_artifact(io.BytesIO(artifact.value))
-    return _MODELS[artifact.id]
+        _MODELS[model_version], _ = load_artifact(io.BytesIO(artifact.value))
+    return _MODELS[model_version]
 
 
-def _embed_batches(artifact: Broadcast, batch_size: int):
+def _embed_batches(artifact: Broadcast, model_version: str, batch_size: int):
     codes = list(training_examples.CATEGORICAL_CODES)
     dense = list(training_examples.DENSE_FEATURES)
 
     def embed(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
 
-        model = _model(artifact)
+        model = _model(artifact, model_version)
         for pdf in batches:
             for start in range(0, len(pdf), batch_size):
                 part = pdf.iloc[start : start + batch_size]
@@ -75,7 +75,7 @@ def embed_listings(
     their features only (``is_cold_start``).
     """
     active = listing_features.where(F.col("is_active"))
-    embedded = active.mapInPandas(_embed_batches(artifact, batch_size), _EMBEDDING_SCHEMA)
+    embedded = active.mapInPandas(_embed_batches(artifact, model_version, batch_size), _EMBEDDING_SCHEMA)
     return embedded.select(
         "listing_id",
         "embedding",
