@@ -1,0 +1,193 @@
+"""The two-tower retrieval model: users and listings embedded into one unit-norm space.
+
+The listing tower sees the listing's id embedding plus its encoded features, so a listing that
+never appeared in training (cold start) still gets a vector from its features alone; training
+drops the id part at random (``id_dropout``) so the tower learns to do without it. This module
+knows nothing of files, Spark or distributed training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TwoTowerConfig:
+    """Everything needed to rebuild a ``TwoTowerModel`` (vocabulary sizes and layer sizes).
+
+    ``cardinalities`` lists ``(code_name, n)`` in the order the listing tower reads the codes;
+    codes are in ``[0, n)`` with 0 meaning unknown. A mapping is accepted and frozen into a tuple.
+    """
+
+    num_users: int
+    num_listings: int
+    cardinalities: tuple[tuple[str, int], ...]
+    num_dense: int
+    dim: int = 32
+    id_dim: int = 32
+    feature_dim: int = 8
+    hidden: int = 128
+    id_dropout: float = 0.3
+    temperature: float = 0.05
+    dense_names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        cards = self.cardinalities
+        pairs = cards.items() if isinstance(cards, Mapping) else cards
+        object.__setattr__(self, "cardinalities", tuple((str(k), int(v)) for k, v in pairs))
+        object.__setattr__(self, "dense_names", tuple(str(n) for n in self.dense_names))
+        for name in ("num_users", "num_listings", "dim", "id_dim", "feature_dim", "hidden"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TwoTowerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_dense < 0:
+            raise ValueError(f"TwoTowerConfig.num_dense must be >= 0, got {self.num_dense}")
+        bad = [(k, v) for k, v in self.cardinalities if v < 1]
+        if bad:
+            raise ValueError(f"TwoTowerConfig.cardinalities must be >= 1: {bad}")
+        if self.dense_names and len(self.dense_names) != self.num_dense:
+            raise ValueError(
+                f"dense_names has {len(self.dense_names)} names but num_dense is {self.num_dense}"
+            )
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    @property
+    def code_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.cardinalities)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (cardinalities as an ordered name -> size dict)."""
+        out = asdict(self)
+        out["cardinalities"] = dict(self.cardinalities)
+        out["dense_names"] = list(self.dense_names)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TwoTowerConfig:
+        """Inverse of ``to_dict``; unknown keys are an error rather than silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TwoTowerConfig keys: {unknown}")
+        return cls(**dict(data))
+
+
+class TwoTowerModel(nn.Module):
+    """User tower and listing tower; ``forward(batch)`` is the training loss.
+
+    The loss goes through ``forward`` so DistributedDataParallel's gradient hooks see it.
+    The id tables are ``sparse=True`` embeddings: their gradients touch only the rows in the
+    batch, which SparseAdam updates and DDP all-reduces as sparse tensors.
+    """
+
+    def __init__(self, config: TwoTowerConfig):
+        super().__init__()
+        self.config = config
+        self.user_embedding = nn.Embedding(config.num_users, config.dim, sparse=True)
+        # One extra all-zero row that gets no gradient: "id unknown" (cold start or dropped id).
+        self.listing_embedding = nn.Embedding(
+            config.num_listings + 1, config.id_dim, sparse=True, padding_idx=config.num_listings
+        )
+        self.code_embeddings = nn.ModuleList(
+            nn.Embedding(n, config.feature_dim) for _, n in config.cardinalities
+        )
+        in_dim = config.id_dim + len(config.cardinalities) * config.feature_dim + config.num_dense
+        self.listing_mlp = nn.Sequential(
+            nn.Linear(in_dim, config.hidden),
+            nn.ReLU(),
+            nn.Linear(config.hidden, config.dim),
+        )
+        self._reset_parameters()
+
+    @property
+    def unknown_listing_idx(self) -> int:
+        return self.config.num_listings
+
+    def _reset_parameters(self) -> None:
+        # Small id vectors: the features dominate the tower at first and ids refine them.
+        nn.init.normal_(self.user_embedding.weight, std=self.config.dim**-0.5)
+        nn.init.normal_(self.listing_embedding.weight, std=0.1)
+        with torch.no_grad():
+            self.listing_embedding.weight[self.unknown_listing_idx].zero_()
+        for emb in self.code_embeddings:
+            nn.init.normal_(emb.weight, std=0.1)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The id tables (sparse gradients): optimise with ``torch.optim.SparseAdam``."""
+        return [self.user_embedding.weight, self.listing_embedding.weight]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Everything else (feature embeddings, MLP): optimise with AdamW."""
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+    def user_vectors(self, user_idx: torch.Tensor) -> torch.Tensor:
+        """``[B] -> [B, dim]`` unit vectors."""
+        return F.normalize(self.user_embedding(user_idx), dim=-1)
+
+    def listing_vectors(
+        self,
+        listing_idx: torch.Tensor,
+        codes: torch.Tensor,
+        dense: torch.Tensor,
+        id_known: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B, dim]`` unit vectors; where ``id_known`` is False the id is ignored entirely.
+
+        ``codes`` is ``LongTensor[B, n_codes]`` in ``config.code_names`` order, ``dense``
+        ``FloatTensor[B, num_dense]``. With ``id_known`` all False the vector depends only on
+        the features, which is how cold-start listings are embedded.
+        """
+        if codes.shape[-1] != len(self.code_embeddings):
+            raise ValueError(
+                f"codes has {codes.shape[-1]} columns, expected {len(self.code_embeddings)}"
+            )
+        if dense.shape[-1] != self.config.num_dense:
+            raise ValueError(
+                f"dense has {dense.shape[-1]} columns, expected {self.config.num_dense}"
+            )
+        if id_known is not None:
+            listing_idx = torch.where(
+                id_known, listing_idx, torch.full_like(listing_idx, self.unknown_listing_idx)
+            )
+        parts = [self.listing_embedding(listing_idx)]
+        parts += [emb(codes[:, i]) for i, emb in enumerate(self.code_embeddings)]
+        parts.append(dense.to(parts[0].dtype))
+        return F.normalize(self.listing_mlp(torch.cat(parts, dim=-1)), dim=-1)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss(batch)
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """In-batch sampled softmax with log-Q correction, weighted by ``log1p(weight)``.
+
+        Row i's positive is column i; the other listings of the batch are its negatives, except
+        copies of its own listing (masked out, they are not negatives). ``batch`` holds
+        ``user_idx, listing_idx, codes, dense, weight, log_q`` as produced by the shard loader.
+        """
+        listing_idx = batch["listing_idx"]
+        id_known = None
+        if self.training and self.config.id_dropout > 0:
+            id_known = (
+                torch.rand(listing_idx.shape, device=listing_idx.device) >= self.config.id_dropout
+            )
+        users = self.user_vectors(batch["user_idx"])
+        listings = self.listing_vectors(listing_idx, batch["codes"], batch["dense"], id_known)
+        # Subtracting log q undoes the popularity bias of in-batch negatives (Yi et al. 2019).
+        log_q = batch["log_q"].to(users.dtype)
+        logits = torch.addmm(-log_q[None, :], users, listings.T, alpha=1 / self.config.temperature)
+        same = listing_idx[:, None] == listing_idx[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+        targets = torch.arange(len(listing_idx), device=logits.device)
+        per_example = F.cross_entropy(logits, targets, reduction="none")
+        weights = torch.log1p(batch["weight"].to(users.dtype).clamp_min(0))
+        return (weights * per_example).sum() / weights.sum().clamp_min(1e-12)

@@ -1,0 +1,438 @@
+"""Distributed training of the two-tower model under Spark's TorchDistributor.
+
+``run_distributed`` (driver) hands ``train_worker`` to TorchDistributor, which starts one process
+per rank (torchrun) and sets ``MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE``. Each rank streams its
+own shard files, trains a DDP replica (SparseAdam for the id tables, AdamW for the rest), and
+rank 0 writes a checkpoint per epoch and, at the end, the model artifact and ``metrics.json``.
+
+``out_dir`` (and ``shards_dir``) must be visible to every rank: local disk in local mode,
+shared storage (DBFS, NFS, a FUSE-mounted bucket) when ranks run on executors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from lib.loader import ShardDataset
+from lib.model import TwoTowerConfig, TwoTowerModel
+from schemas.training_examples import CATEGORICAL_CODES
+
+MANIFEST_SCHEMA_VERSION = 1
+ARTIFACT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1
+_CHECKPOINT_RE = re.compile(r"^epoch-(\d{3,})\.pt$")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Everything one training run needs; picklable, so TorchDistributor ships it to each rank."""
+
+    shards_dir: str
+    out_dir: str
+    epochs: int = 5
+    batch_size: int = 1024
+    lr: float = 3e-3
+    sparse_lr: float = 0.02
+    weight_decay: float = 1e-5
+    dim: int = 32
+    id_dim: int = 32
+    feature_dim: int = 8
+    hidden: int = 128
+    temperature: float = 0.05
+    id_dropout: float = 0.3
+    seed: int = 7
+    num_workers: int = 0
+    shuffle_buffer: int = 50_000
+    log_every: int = 50
+    threads: int = 1
+    use_gpu: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# IO: manifest, checkpoints, artifact
+
+
+def read_manifest(shards_dir: str) -> dict[str, Any]:
+    """Read and check ``shards_dir/manifest.json`` (the shard stage's output contract)."""
+    path = Path(shards_dir) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no manifest.json in shards directory {shards_dir}")
+    manifest = json.loads(path.read_text())
+    version = manifest.get("schema_version")
+    if version != MANIFEST_SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {version!r}, expected {MANIFEST_SCHEMA_VERSION}")
+    missing = [
+        k
+        for k in ("num_users", "num_listings", "cardinalities", "dense_features", "train_files")
+        if k not in manifest
+    ]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+    no_card = [c for c in CATEGORICAL_CODES if c not in manifest["cardinalities"]]
+    if no_card:
+        raise ValueError(f"{path}: cardinalities lacks {no_card}")
+    if not manifest["train_files"]:
+        raise ValueError(f"{path}: train_files is empty")
+    return manifest
+
+
+def model_config(manifest: Mapping[str, Any], params: TrainParams) -> TwoTowerConfig:
+    """The model shape implied by the shards' vocabularies and the run's parameters."""
+    return TwoTowerConfig(
+        num_users=int(manifest["num_users"]),
+        num_listings=int(manifest["num_listings"]),
+        cardinalities=tuple((c, int(manifest["cardinalities"][c])) for c in CATEGORICAL_CODES),
+        num_dense=len(manifest["dense_features"]),
+        dense_names=tuple(manifest["dense_features"]),
+        dim=params.dim,
+        id_dim=params.id_dim,
+        feature_dim=params.feature_dim,
+        hidden=params.hidden,
+        id_dropout=params.id_dropout,
+        temperature=params.temperature,
+    )
+
+
+def checkpoint_path(out_dir: str, epoch: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"epoch-{epoch:03d}.pt"
+
+
+def latest_checkpoint(out_dir: str) -> Path | None:
+    """The checkpoint with the highest epoch number in ``out_dir/checkpoints``, if any."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_artifact(path: str) -> tuple[TwoTowerModel, dict[str, Any]]:
+    """Rebuild the trained model from ``model.pt`` alone; returns (model in eval mode, metadata).
+
+    The metadata is the artifact minus the weights: ``config``, ``encodings`` (copied from the
+    shard manifest), ``vocab_sizes``, ``dense_features``, ``categorical_codes``, ``metrics``.
+    """
+    artifact = torch.load(path, map_location="cpu", weights_only=True)
+    version = artifact.get("format_version")
+    if version != ARTIFACT_FORMAT_VERSION:
+        raise ValueError(f"{path}: artifact format {version!r}, expected {ARTIFACT_FORMAT_VERSION}")
+    model = TwoTowerModel(TwoTowerConfig.from_dict(artifact["config"]))
+    model.load_state_dict(artifact["state_dict"])
+    model.eval()
+    return model, {k: v for k, v in artifact.items() if k != "state_dict"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+@contextmanager
+def _rank_environment() -> Iterator[None]:
+    """Environment for the rank processes TorchDistributor spawns on this machine.
+
+    torchrun starts fresh interpreters whose ``sys.path`` is the temp dir of the pickled
+    function: putting this package's root on PYTHONPATH lets them import ``lib`` even when the
+    project is not pip-installed. OpenMP's default busy-waiting makes ``threads > 1`` several
+    times slower than one thread when cores are shared (Spark tasks, other ranks), so ranks
+    wait passively unless the caller chose a policy.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_WAIT_POLICY")}
+    parts = [p for p in (saved["PYTHONPATH"] or "").split(os.pathsep) if p]
+    if root not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_distributed(
+    params: TrainParams, num_processes: int = 2, local_mode: bool = True, use_gpu: bool = False
+) -> dict[str, Any]:
+    """Train with ``num_processes`` DDP ranks via TorchDistributor; returns rank 0's metrics.
+
+    Needs an active SparkSession. ``local_mode=True`` runs the ranks on the driver;
+    ``False`` runs them as barrier tasks on executors (which must be able to import ``lib``).
+    """
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    params = replace(params, use_gpu=use_gpu)
+    distributor = TorchDistributor(
+        num_processes=num_processes, local_mode=local_mode, use_gpu=use_gpu
+    )
+    if local_mode:
+        with _rank_environment():
+            return distributor.run(train_worker, params)
+    return distributor.run(train_worker, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+def train_worker(params: TrainParams) -> dict[str, Any]:
+    """One DDP rank: train, checkpoint each epoch, write the artifact (rank 0); return metrics.
+
+    Joins the process group from the ``env://`` variables TorchDistributor/torchrun set (gloo on
+    CPU, nccl with CUDA); without ``WORLD_SIZE`` in the environment it runs as a single rank.
+    Every rank returns the same metrics dict: in local mode all ranks write their return value
+    to the same file, so whichever lands last must be the right one.
+    """
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(params.threads)
+    if params.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("use_gpu=True but torch sees no CUDA device in this rank")
+    use_cuda = params.use_gpu
+    own_group = not dist.is_initialized()
+    if own_group:
+        backend = "nccl" if use_cuda else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, init_method="env://")
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if use_cuda:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        return _train(params, device)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+        torch.set_num_threads(threads_before)
+
+
+def _seed_everything(seed: int, epoch: int, rank: int) -> None:
+    # Reseeding per (seed, epoch, rank) makes a resumed epoch draw exactly what it drew the
+    # first time, whatever happened before the restart.
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    manifest = read_manifest(params.shards_dir)
+    config = model_config(manifest, params)
+    files = [str(Path(params.shards_dir) / f) for f in manifest["train_files"]]
+
+    torch.manual_seed(params.seed)
+    model = TwoTowerModel(config).to(device)
+    sparse_opt = torch.optim.SparseAdam(model.sparse_parameters(), lr=params.sparse_lr)
+    dense_opt = torch.optim.AdamW(
+        model.dense_parameters(), lr=params.lr, weight_decay=params.weight_decay
+    )
+    start_epoch, step, history = 0, 0, []
+    resumed_from = _resume(params, config, model, sparse_opt, dense_opt)
+    if resumed_from is not None:
+        start_epoch, step, history = resumed_from
+        if rank == 0:
+            _log(f"resumed from epoch {start_epoch} (step {step})")
+
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    dataset = ShardDataset(
+        files,
+        rank=rank,
+        world_size=world,
+        batch_size=params.batch_size,
+        shuffle_buffer=params.shuffle_buffer,
+        seed=params.seed,
+        num_workers=params.num_workers,
+    )
+    loader = DataLoader(dataset, batch_size=None, num_workers=params.num_workers)
+    if rank == 0:
+        _log(
+            f"training: world_size {world}, {len(files)} files, {len(dataset)} batches/rank/epoch, "
+            f"epochs {start_epoch + 1}..{params.epochs}, device {device}"
+        )
+
+    for epoch in range(start_epoch, params.epochs):
+        _seed_everything(params.seed, epoch, rank)
+        dataset.set_epoch(epoch)
+        ddp.train()
+        started = last_log = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        examples = examples_at_log = 0
+        batches = 0
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = ddp(batch)
+            sparse_opt.zero_grad(set_to_none=True)
+            dense_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sparse_opt.step()
+            dense_opt.step()
+            step += 1
+            batches += 1
+            examples += len(batch["user_idx"])
+            loss_sum += loss.detach()
+            if rank == 0 and params.log_every and step % params.log_every == 0:
+                now = time.perf_counter()
+                rate = (examples - examples_at_log) * world / max(now - last_log, 1e-9)
+                _log(f"epoch {epoch + 1} step {step} loss {loss.item():.4f} examples/s {rate:,.0f}")
+                last_log, examples_at_log = now, examples
+        seconds = time.perf_counter() - started
+        history.append(_epoch_summary(epoch, loss_sum, batches, examples, seconds, device))
+        if rank == 0:
+            h = history[-1]
+            _log(
+                f"epoch {epoch + 1} done: loss {h['loss']:.4f}, {h['examples']} examples, "
+                f"{h['seconds']:.1f}s, examples/s {h['examples_per_s']:,.0f}"
+            )
+            save_atomic(
+                _checkpoint(params, config, model, sparse_opt, dense_opt, epoch + 1, step, history),
+                checkpoint_path(params.out_dir, epoch + 1),
+            )
+
+    metrics = _metrics(params, model, history, world, step, resumed_from)
+    if rank == 0:
+        _write_outputs(params, config, manifest, model, metrics)
+    dist.barrier()
+    return metrics
+
+
+def _epoch_summary(
+    epoch: int, loss_sum: torch.Tensor, batches: int, examples: int, seconds: float, device
+) -> dict[str, Any]:
+    totals = torch.tensor([float(loss_sum), batches, examples], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    # The slowest rank sets the pace; using its time makes every rank report the same numbers.
+    slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    loss_total, batch_total, example_total = totals.tolist()
+    secs = float(slowest.item())
+    return {
+        "epoch": epoch + 1,
+        "loss": loss_total / max(batch_total, 1),
+        "batches": int(batch_total),
+        "examples": int(example_total),
+        "seconds": secs,
+        "examples_per_s": example_total / max(secs, 1e-9),
+    }
+
+
+def _resume(params, config, model, sparse_opt, dense_opt) -> tuple[int, int, list] | None:
+    path = latest_checkpoint(params.out_dir)
+    if path is None:
+        return None
+    state = load_checkpoint(path)
+    if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(f"{path}: unknown checkpoint format {state.get('format_version')!r}")
+    if state["config"] != config.to_dict():
+        raise ValueError(
+            f"{path} was written for model config {state['config']}, but this run builds "
+            f"{config.to_dict()}; use a fresh out_dir or the original parameters"
+        )
+    model.load_state_dict(state["model"])
+    sparse_opt.load_state_dict(state["sparse_optimizer"])
+    dense_opt.load_state_dict(state["dense_optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and state["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["epoch"]), int(state["step"]), list(state["history"])
+
+
+def _checkpoint(params, config, model, sparse_opt, dense_opt, epoch, step, history) -> dict:
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "epoch": epoch,
+        "step": step,
+        "config": config.to_dict(),
+        "params": asdict(params),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "sparse_optimizer": sparse_opt.state_dict(),
+        "dense_optimizer": dense_opt.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "history": history,
+    }
+
+
+def parameter_counts(model: TwoTowerModel) -> dict[str, int]:
+    """Number of scalar parameters in the sparse id tables, the dense rest, and in total."""
+    sparse = sum(p.numel() for p in model.sparse_parameters())
+    dense = sum(p.numel() for p in model.dense_parameters())
+    return {"sparse": sparse, "dense": dense, "total": sparse + dense}
+
+
+def _metrics(params, model, history, world, step, resumed_from) -> dict[str, Any]:
+    examples = sum(h["examples"] for h in history)
+    seconds = sum(h["seconds"] for h in history)
+    return {
+        "loss_per_epoch": [h["loss"] for h in history],
+        "epochs": history,
+        "examples_per_s": examples / seconds if seconds else 0.0,
+        "world_size": world,
+        "steps": step,
+        "resumed_from_epoch": resumed_from[0] if resumed_from else None,
+        "params": asdict(params),
+        "parameter_counts": parameter_counts(model),
+        "artifact": str(Path(params.out_dir) / "model.pt"),
+    }
+
+
+def _write_outputs(params, config, manifest, model, metrics) -> None:
+    out = Path(params.out_dir)
+    artifact = {
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "encodings": manifest.get("encodings", {}),
+        "vocab_sizes": {
+            "num_users": config.num_users,
+            "num_listings": config.num_listings,
+            "cardinalities": dict(config.cardinalities),
+        },
+        "categorical_codes": list(config.code_names),
+        "dense_features": list(config.dense_names),
+        "manifest_counts": manifest.get("counts", {}),
+        "metrics": metrics,
+    }
+    save_atomic(artifact, out / "model.pt")
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out / "metrics.json")

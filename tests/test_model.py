@@ -1,0 +1,189 @@
+import pytest
+import torch
+
+from lib.model import TwoTowerConfig, TwoTowerModel
+
+CARDS = (("make_code", 5), ("body_type_code", 4), ("geo_cell", 7))
+
+
+def make_config(**overrides) -> TwoTowerConfig:
+    base = dict(
+        num_users=20,
+        num_listings=30,
+        cardinalities=CARDS,
+        num_dense=2,
+        dim=8,
+        id_dim=8,
+        feature_dim=4,
+        hidden=16,
+        id_dropout=0.0,
+    )
+    return TwoTowerConfig(**{**base, **overrides})
+
+
+def make_batch(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        "user_idx": torch.randint(0, 20, (n,), generator=gen),
+        "listing_idx": torch.randint(0, 30, (n,), generator=gen),
+        "codes": torch.stack([torch.randint(0, c, (n,), generator=gen) for _, c in CARDS], 1),
+        "dense": torch.randn(n, 2, generator=gen),
+        "weight": torch.rand(n, generator=gen) * 3,
+        "log_q": -torch.rand(n, generator=gen) * 4,
+    }
+
+
+def test_config_round_trips_and_is_hashable():
+    config = make_config(cardinalities=dict(CARDS), dense_names=("a", "b"))
+    assert config.cardinalities == CARDS
+    assert config.code_names == ("make_code", "body_type_code", "geo_cell")
+    again = TwoTowerConfig.from_dict(config.to_dict())
+    assert again == config
+    assert hash(again) == hash(config)
+    assert config.to_dict()["cardinalities"] == {"make_code": 5, "body_type_code": 4, "geo_cell": 7}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_users": 0},
+        {"cardinalities": (("make_code", 0),)},
+        {"id_dropout": 1.0},
+        {"temperature": 0.0},
+        {"dense_names": ("only_one",)},
+    ],
+)
+def test_config_rejects_bad_values(overrides):
+    with pytest.raises(ValueError):
+        make_config(**overrides)
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown"):
+        TwoTowerConfig.from_dict({**make_config().to_dict(), "surprise": 1})
+
+
+def test_vectors_have_shape_and_unit_norm():
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config())
+    batch = make_batch(6, torch.Generator().manual_seed(1))
+    users = model.user_vectors(batch["user_idx"])
+    listings = model.listing_vectors(
+        batch["listing_idx"], batch["codes"], batch["dense"], torch.ones(6, dtype=torch.bool)
+    )
+    assert users.shape == (6, 8)
+    assert listings.shape == (6, 8)
+    torch.testing.assert_close(users.norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(listings.norm(dim=1), torch.ones(6))
+
+
+def test_unknown_id_embeds_from_features_alone():
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config())
+    codes = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    dense = torch.tensor([[0.5, -1.0], [0.5, -1.0]])
+    ids = torch.tensor([4, 17])
+    cold = model.listing_vectors(ids, codes, dense, torch.tensor([False, False]))
+    torch.testing.assert_close(cold[0], cold[1])
+    warm = model.listing_vectors(ids, codes, dense, torch.tensor([True, True]))
+    assert not torch.allclose(warm[0], warm[1])
+    mixed = model.listing_vectors(ids, codes, dense, torch.tensor([True, False]))
+    torch.testing.assert_close(mixed[0], warm[0])
+    torch.testing.assert_close(mixed[1], cold[1])
+
+
+def test_listing_vectors_reject_wrong_feature_widths():
+    model = TwoTowerModel(make_config())
+    with pytest.raises(ValueError, match="codes"):
+        model.listing_vectors(
+            torch.tensor([0]), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2)
+        )
+    with pytest.raises(ValueError, match="dense"):
+        model.listing_vectors(
+            torch.tensor([0]), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 5)
+        )
+
+
+def test_parameters_split_into_sparse_id_tables_and_dense_rest():
+    model = TwoTowerModel(make_config())
+    sparse, dense = model.sparse_parameters(), model.dense_parameters()
+    assert [p.shape for p in sparse] == [(20, 8), (31, 8)]  # + the "unknown id" row
+    assert len(sparse) + len(dense) == len(list(model.parameters()))
+    assert not {id(p) for p in sparse} & {id(p) for p in dense}
+
+
+def test_id_tables_get_sparse_gradients_and_unknown_row_none():
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config(id_dropout=0.5))
+    model.train()
+    model(make_batch(16, torch.Generator().manual_seed(2))).backward()
+    for p in model.sparse_parameters():
+        assert p.grad is not None and p.grad.is_sparse
+    for p in model.dense_parameters():
+        assert p.grad is not None and not p.grad.is_sparse
+    touched = model.listing_embedding.weight.grad.coalesce().indices()[0]
+    assert model.unknown_listing_idx not in touched.tolist()
+
+
+def test_loss_masks_same_listing_collisions():
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config())
+    model.eval()
+    batch = make_batch(4, torch.Generator().manual_seed(3))
+    batch["listing_idx"] = torch.tensor([5, 5, 5, 5])
+    batch["log_q"] = torch.zeros(4)
+    # Every other column is the same listing: no negatives are left, so each row's softmax
+    # has only its positive and the loss is exactly zero.
+    assert model.loss(batch).item() == pytest.approx(0.0, abs=1e-6)
+    batch["listing_idx"] = torch.tensor([5, 6, 7, 8])
+    assert model.loss(batch).item() > 0
+
+
+def test_loss_weights_examples_by_log1p_weight():
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config())
+    model.eval()
+    batch = make_batch(8, torch.Generator().manual_seed(4))
+    only_first = dict(batch, weight=torch.tensor([5.0] + [0.0] * 7))
+    logits = (
+        model.user_vectors(batch["user_idx"])
+        @ model.listing_vectors(batch["listing_idx"], batch["codes"], batch["dense"]).T
+        / model.config.temperature
+        - batch["log_q"][None, :]
+    )
+    same = batch["listing_idx"][:, None] == batch["listing_idx"][None, :]
+    same.fill_diagonal_(False)
+    expected = torch.nn.functional.cross_entropy(
+        logits.masked_fill(same, float("-inf"))[:1], torch.tensor([0])
+    )
+    torch.testing.assert_close(model.loss(only_first), expected)
+
+
+def test_loss_is_finite_and_decreases_on_a_toy_problem():
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config(id_dropout=0.3))
+    gen = torch.Generator().manual_seed(5)
+    # Structure: user u likes listings whose make_code is u % 5.
+    users = torch.arange(20).repeat(3)
+    makes = users % 5
+    batch = {
+        "user_idx": users,
+        "listing_idx": makes * 6 + torch.randint(0, 6, users.shape, generator=gen),
+        "codes": torch.stack([makes, torch.zeros_like(makes), torch.zeros_like(makes)], 1),
+        "dense": torch.zeros(len(users), 2),
+        "weight": torch.ones(len(users)),
+        "log_q": torch.full((len(users),), -3.0),
+    }
+    sparse_opt = torch.optim.SparseAdam(model.sparse_parameters(), lr=0.05)
+    dense_opt = torch.optim.AdamW(model.dense_parameters(), lr=0.01)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = model(batch)
+        assert torch.isfinite(loss)
+        losses.append(loss.item())
+        sparse_opt.zero_grad()
+        dense_opt.zero_grad()
+        loss.backward()
+        sparse_opt.step()
+        dense_opt.step()
+    assert losses[-1] < 0.7 * losses[0]

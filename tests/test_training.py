@@ -1,0 +1,320 @@
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lib import training
+from lib.schema_check import arrow_schema
+from lib.training import (
+    TrainParams,
+    latest_checkpoint,
+    load_artifact,
+    read_manifest,
+    run_distributed,
+    train_worker,
+)
+from schemas.training_examples import (
+    CATEGORICAL_CODES,
+    DENSE_FEATURES,
+    LISTING_FEATURES_SPEC,
+    SPEC,
+)
+
+
+def fabricate_shards(
+    root: Path,
+    *,
+    num_users: int = 60,
+    num_listings: int = 80,
+    rows: int = 1200,
+    files: int = 4,
+    groups: int = 4,
+    seed: int = 0,
+) -> Path:
+    """A shards directory as the shard stage writes it, with learnable structure.
+
+    Listing ``l`` belongs to group ``l % groups`` (its ``make_code`` is the group + 1); each user
+    interacts mostly (90%) with listings of one favourite group, so a model that learns users'
+    groups beats chance by a wide margin. The last 5 listings never appear in training (cold).
+    """
+    rng = np.random.default_rng(seed)
+    cards = {c: 6 + i for i, c in enumerate(CATEGORICAL_CODES)}
+    cards["make_code"] = groups + 1
+    listing_group = np.arange(num_listings) % groups
+    listing_codes = np.stack(
+        [rng.integers(1, cards[c], num_listings) for c in CATEGORICAL_CODES], axis=1
+    ).astype(np.int32)
+    listing_codes[:, 0] = listing_group + 1
+    listing_dense = rng.normal(size=(num_listings, len(DENSE_FEATURES))).astype(np.float32)
+    listing_dense[:, 0] += listing_group
+
+    warm = num_listings - 5
+    users = rng.integers(0, num_users, rows)
+    favourite = users % groups
+    group = np.where(rng.random(rows) < 0.9, favourite, rng.integers(0, groups, rows))
+    # A random warm listing of the chosen group.
+    slot = rng.integers(0, (warm - 1 - group) // groups + 1)
+    listings = group + groups * slot
+    counts = np.bincount(listings, minlength=num_listings)
+    log_q = np.log(counts[listings] / rows).astype(np.float32)
+
+    def table(idx: np.ndarray, head: dict, spec) -> pa.Table:
+        columns = {
+            **head,
+            **{c: listing_codes[idx, k] for k, c in enumerate(CATEGORICAL_CODES)},
+            **{c: listing_dense[idx, k] for k, c in enumerate(DENSE_FEATURES)},
+        }
+        return pa.table(columns, schema=arrow_schema(spec.schema))
+
+    (root / "train").mkdir(parents=True)
+    (root / "listing_features").mkdir()
+    train = table(
+        listings,
+        {
+            "user_idx": users.astype(np.int32),
+            "listing_idx": listings.astype(np.int32),
+            "weight": rng.exponential(2.0, rows).astype(np.float32),
+            "log_q": log_q,
+        },
+        SPEC,
+    )
+    names = []
+    for i, part in enumerate(np.array_split(np.arange(rows), files)):
+        name = f"train/part-{i:05d}.parquet"
+        pq.write_table(train.take(part), root / name)
+        names.append(name)
+    all_listings = np.arange(num_listings)
+    features = table(
+        all_listings,
+        {
+            "listing_idx": all_listings.astype(np.int32),
+            "listing_id": [f"L{i}" for i in all_listings],
+            "is_active": np.ones(num_listings, bool),
+            "has_interactions": counts > 0,
+        },
+        LISTING_FEATURES_SPEC,
+    )
+    pq.write_table(features, root / "listing_features" / "part-00000.parquet")
+    manifest = {
+        "schema_version": 1,
+        "num_users": num_users,
+        "num_listings": num_listings,
+        "cardinalities": cards,
+        "dense_features": list(DENSE_FEATURES),
+        "train_files": names,
+        "counts": {"training_examples": rows, "listings": num_listings},
+        "encodings": {
+            "price_bucket": {"edges": [0.0, 5000.5, 10000.0], "unknown": 0},
+            "make_code": {"vocab": ["audi", "bmw"], "oov": None, "lowercase": True},
+        },
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return fabricate_shards(tmp_path_factory.mktemp("shards"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+
+def params(shards: Path, out: Path, **kw) -> TrainParams:
+    base = dict(
+        shards_dir=str(shards),
+        out_dir=str(out),
+        epochs=2,
+        batch_size=64,
+        dim=8,
+        id_dim=8,
+        feature_dim=4,
+        hidden=16,
+        shuffle_buffer=200,
+        log_every=5,
+        threads=1,
+        lr=0.01,
+        sparse_lr=0.05,
+        temperature=0.1,
+    )
+    return TrainParams(**{**base, **kw})
+
+
+def state_of(out: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_artifact(str(out / "model.pt"))
+    return model.state_dict()
+
+
+def test_train_worker_learns_and_writes_a_loadable_artifact(shards, tmp_path, single_rank, capsys):
+    out = tmp_path / "run"
+    metrics = train_worker(params(shards, out, epochs=4))
+
+    losses = metrics["loss_per_epoch"]
+    assert len(losses) == 4
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] * 0.85
+    assert metrics["examples_per_s"] > 0
+    assert metrics["epochs"][0]["examples"] == 1200
+    assert metrics["parameter_counts"]["sparse"] == 60 * 8 + 81 * 8
+    assert metrics["world_size"] == 1
+    assert "epoch 1 step 5 loss" in capsys.readouterr().out
+
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        f"epoch-00{i}.pt" for i in range(1, 5)
+    ]
+    raw = torch.load(out / "model.pt", weights_only=True)
+    assert raw["encodings"] == read_manifest(str(shards))["encodings"]
+    assert raw["vocab_sizes"]["num_listings"] == 80
+    assert raw["metrics"] == metrics
+
+    model, meta = load_artifact(str(out / "model.pt"))
+    assert meta["config"]["dim"] == 8
+    assert meta["categorical_codes"] == list(CATEGORICAL_CODES)
+    assert "state_dict" not in meta
+    for name, tensor in raw["state_dict"].items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert not model.training
+
+
+def test_trained_users_prefer_their_groups_listings(shards, tmp_path, single_rank):
+    out = tmp_path / "run"
+    train_worker(params(shards, out, epochs=5))
+    model, _ = load_artifact(str(out / "model.pt"))
+    table = pq.read_table(shards / "listing_features").to_pandas()
+    codes = torch.tensor(table[list(CATEGORICAL_CODES)].to_numpy(), dtype=torch.long)
+    dense = torch.tensor(table[list(DENSE_FEATURES)].to_numpy(), dtype=torch.float32)
+    with torch.no_grad():
+        listings = model.listing_vectors(
+            torch.tensor(table["listing_idx"].to_numpy(), dtype=torch.long),
+            codes,
+            dense,
+            torch.tensor(table["has_interactions"].to_numpy()),
+        )
+        users = model.user_vectors(torch.arange(60))
+    top = (users @ listings.T).argmax(dim=1)
+    hits = (table["make_code"].to_numpy()[top.numpy()] - 1 == np.arange(60) % 4).mean()
+    assert hits > 0.6  # chance is 0.25
+
+
+def test_resumed_run_ends_with_the_same_weights(shards, tmp_path, single_rank, monkeypatch):
+    straight = tmp_path / "straight"
+    train_worker(params(shards, straight))
+
+    resumed = tmp_path / "resumed"
+    real_save = training.save_atomic
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if path.name == "epoch-001.pt":
+            raise KeyboardInterrupt("killed after the first checkpoint")
+
+    monkeypatch.setattr(training, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_worker(params(shards, resumed))
+    assert latest_checkpoint(str(resumed)).name == "epoch-001.pt"
+    assert not (resumed / "model.pt").exists()
+    monkeypatch.setattr(training, "save_atomic", real_save)
+
+    metrics = train_worker(params(shards, resumed))
+    assert metrics["resumed_from_epoch"] == 1
+    assert len(metrics["loss_per_epoch"]) == 2
+    a, b = state_of(straight), state_of(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_checkpoints_load_with_weights_only(shards, tmp_path, single_rank):
+    out = tmp_path / "run"
+    train_worker(params(shards, out, epochs=1))
+    state = torch.load(out / "checkpoints" / "epoch-001.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert set(state) >= {"model", "sparse_optimizer", "dense_optimizer", "config", "rng", "step"}
+    assert not list((out / "checkpoints").glob(".*tmp*"))
+
+
+def test_finished_run_resumes_to_nothing_and_rewrites_artifact(shards, tmp_path, single_rank):
+    out = tmp_path / "run"
+    first = train_worker(params(shards, out, epochs=1))
+    again = train_worker(params(shards, out, epochs=1))
+    assert again["resumed_from_epoch"] == 1
+    assert again["loss_per_epoch"] == first["loss_per_epoch"]
+
+
+def test_resume_with_a_different_model_shape_is_refused(shards, tmp_path, single_rank):
+    out = tmp_path / "run"
+    train_worker(params(shards, out, epochs=1))
+    with pytest.raises(ValueError, match="use a fresh out_dir"):
+        train_worker(params(shards, out, epochs=2, dim=16))
+
+
+def test_bad_manifest_is_refused(shards, tmp_path, single_rank):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["cardinalities"]["geo_cell"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="geo_cell"):
+        train_worker(params(bad, tmp_path / "out"))
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    with pytest.raises(ValueError, match="schema_version"):
+        read_manifest(str(bad))
+    with pytest.raises(FileNotFoundError):
+        read_manifest(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_run_distributed_two_processes(spark, shards, tmp_path):
+    out = tmp_path / "ddp"
+    metrics = run_distributed(
+        params(shards, out, epochs=2), num_processes=2, local_mode=True, use_gpu=False
+    )
+    assert metrics["world_size"] == 2
+    assert len(metrics["loss_per_epoch"]) == 2
+    # Each rank reads half the files; together they cover every row once.
+    assert metrics["epochs"][0]["examples"] == 1200
+    model, meta = load_artifact(str(out / "model.pt"))
+    assert meta["metrics"] == metrics
+    assert model.config.to_dict() == meta["config"]
+    assert (out / "checkpoints" / "epoch-002.pt").exists()
+
+
+def test_job_parses_flags_and_needs_a_session():
+    from jobs.train_embeddings import parse_args, run
+
+    args = parse_args(["--shards", "s", "--out", "o"])
+    assert (args.num_processes, args.local_mode, args.use_gpu, args.epochs) == (2, True, False, 5)
+    args = parse_args(
+        ["--shards", "s", "--out", "o", "--no-local-mode", "--use-gpu", "--batch-size", "256"]
+    )
+    assert (args.local_mode, args.use_gpu, args.batch_size) == (False, True, 256)
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "o"])
+    with pytest.raises(ValueError, match="SparkSession"):
+        run(None, args)
+
+
+def test_train_worker_runs_as_one_rank_without_launcher_env(shards, tmp_path, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    metrics = train_worker(params(shards, tmp_path / "run", epochs=1))
+    assert metrics["world_size"] == 1
+    assert (tmp_path / "run" / "model.pt").exists()
