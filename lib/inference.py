@@ -75,7 +75,9 @@ def embed_listings(
     their features only (``is_cold_start``).
     """
     active = listing_features.where(F.col("is_active"))
-    embedded = active.mapInPandas(_embed_batches(artifact, model_version, batch_size), _EMBEDDING_SCHEMA)
+    embedded = active.mapInPandas(
+        _embed_batches(artifact, model_version, batch_size), _EMBEDDING_SCHEMA
+    )
     return embedded.select(
         "listing_id",
         "embedding",

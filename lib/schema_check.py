@@ -64,6 +64,10 @@ def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
         have = actual[field.name]
         if _same_type(have, field.dataType):
             columns.append(F.col(field.name))
+        elif isinstance(have, T.StringType) and isinstance(
+            field.dataType, T.DateType | T.TimestampType
+        ):
+            columns.append(_parsed(spec.name, field.name, field.dataType))
         elif isinstance(have, _WIDENINGS.get(type(field.dataType), ())):
             columns.append(F.col(field.name).cast(field.dataType).alias(field.name))
         else:
@@ -73,6 +77,25 @@ def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
                 f"type {have.simpleString()} where {field.dataType.simpleString()} is expected",
             )
     return df.select(*columns)
+
+
+UNPARSEABLE = "unparseable value"
+
+
+def _parsed(table: str, column: str, data_type: T.DataType) -> Column:
+    # A bad value stops the first Spark action with a message naming table, column and value,
+    # instead of ANSI mode's generic cast error (or, without ANSI, a silent null).
+    raw = F.col(column)
+    parsed = raw.try_cast(data_type)
+    message = F.concat(
+        F.lit(f"table '{table}', column '{column}': {UNPARSEABLE} '"), raw, F.lit("'")
+    )
+    return (
+        F.when(raw.isNotNull() & parsed.isNull(), F.raise_error(message))
+        .otherwise(parsed)
+        .cast(data_type)
+        .alias(column)
+    )
 
 
 def check_matches(df: DataFrame, spec: TableSpec) -> None:

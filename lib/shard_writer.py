@@ -33,6 +33,8 @@ class ShardParams:
     max_events_per_user_day: int = 300
     num_files: int = 8
     seed: int = 7
+    # Above this many listings, listing-side lookups are shuffle joins instead of broadcasts.
+    broadcast_max_listings: int = 2_000_000
 
 
 def _write_vocabulary(
@@ -51,6 +53,16 @@ def _write_vocabulary(
     return read_parquet(spark, out / "vocab" / name, spec)
 
 
+def _drop_counts(tagged: DataFrame) -> dict[str, int]:
+    counts: dict[str, int] = {"dropped_duplicate": 0}
+    for row in shards.drop_counts(tagged).collect():
+        counts[f"dropped_{row.drop_reason or 'none'}"] = row.events
+        counts["dropped_duplicate"] += row.duplicates
+    counts["events_kept"] = counts.pop("dropped_none", 0)
+    counts["events_read"] = sum(counts.values())
+    return counts
+
+
 def write_shards(
     spark: SparkSession,
     events: DataFrame,
@@ -63,6 +75,7 @@ def write_shards(
 ) -> dict[str, Any]:
     """Clean, weight, index and encode; write everything under ``out_dir``; return the manifest."""
     started = time.perf_counter()
+    broadcast = snapshot.count() <= params.broadcast_max_listings
     tagged = shards.tag_drop_reasons(
         events,
         snapshot,
@@ -70,13 +83,13 @@ def write_shards(
         lookback_days=params.lookback_days,
         event_types=tuple(name for name, _ in params.event_weights),
         max_events_per_user_day=params.max_events_per_user_day,
+        broadcast_listings=broadcast,
     ).persist()
-    counts = {
-        f"dropped_{reason}": n for reason, n in tagged.groupBy("drop_reason").count().collect()
-    }
-    counts["events_kept"] = counts.pop("dropped_None", 0)
+    counts = _drop_counts(tagged)
+    if counts.get("dropped_null_key"):
+        validation.require_not_null(events, interactions.SPEC)  # names the column, with examples
     validation.require_rows(counts["events_kept"], interactions.SPEC.name, "in the window")
-    kept = tagged.where(F.col("drop_reason").isNull()).drop("drop_reason")
+    kept = tagged.where(F.col("drop_reason").isNull()).drop("drop_reason", "copies")
     train_events, holdout = shards.split_holdout(
         kept, run_date=params.run_date, holdout_days=params.holdout_days
     )
@@ -94,8 +107,10 @@ def write_shards(
             run_date=params.run_date,
             event_weights=dict(params.event_weights),
             half_life_days=params.half_life_days,
+        ).persist()
+        examples = shards.assemble_training_examples(
+            weighted, user_vocab, encoded, broadcast_features=broadcast
         )
-        examples = shards.assemble_training_examples(weighted, user_vocab, encoded)
         write_parquet(
             shards.shuffle_into_files(examples, num_files=params.num_files, seed=params.seed),
             out / "train",
@@ -113,8 +128,8 @@ def write_shards(
             out / "holdout",
             training_examples.HOLDOUT_SPEC,
         )
-        tagged.unpersist()
-        encoded.unpersist()
+        for cached in (tagged, encoded, weighted):
+            cached.unpersist()
 
         listing_features = read_parquet(
             spark, out / "listing_features", training_examples.LISTING_FEATURES_SPEC

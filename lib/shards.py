@@ -16,14 +16,16 @@ from pyspark.sql import types as T
 from schemas import training_examples
 
 # Drop reasons, in the order they are checked: an event gets the first that applies.
+# Exact duplicates are collapsed before any of these and counted separately (`copies`).
 DROP_REASONS = (
+    "null_key",
     "unknown_event_type",
     "future_event",
     "outside_window",
-    "duplicate",
     "unknown_listing",
     "bot_user",
 )
+EVENT_KEY = ("user_id", "listing_id", "event_type", "event_ts", "event_date")
 
 
 def _end_of_day(run_date: dt.date) -> F.Column:
@@ -40,42 +42,59 @@ def tag_drop_reasons(
     lookback_days: int,
     event_types: tuple[str, ...],
     max_events_per_user_day: int,
+    broadcast_listings: bool = True,
 ) -> DataFrame:
-    """Add ``drop_reason`` (null when the event is kept) to every interaction.
+    """Collapse exact duplicates and add ``drop_reason`` (null when the event is kept).
 
-    The window is the ``lookback_days`` days ending with ``run_date`` (inclusive). Bots are users
-    with more than ``max_events_per_user_day`` events on any day of the window; all their events go.
+    Returns one row per distinct event with ``copies`` (how many times it was logged). The
+    window is the ``lookback_days`` days ending with ``run_date`` (inclusive). Bots are users
+    with more than ``max_events_per_user_day`` distinct events on any day of the window; all
+    their events go. Events are shuffled once, by user: deduplication, the bot count and the
+    later per-(user, listing) weighting all reuse that partitioning.
     """
     window_start = run_date - dt.timedelta(days=lookback_days - 1)
-    known_listings = listings.select("listing_id", F.lit(True).alias("_known")).distinct()
     in_window = (F.col("event_date") >= F.lit(window_start)) & (F.col("event_date") <= run_date)
-    daily = (
-        events.where(in_window)
+    distinct_events = (
+        events.repartition("user_id")
+        .groupBy(*EVENT_KEY)
+        .agg(
+            F.count(F.lit(1)).alias("copies"),
+            F.min("session_id").alias("session_id"),
+            F.min("source").alias("source"),
+        )
+    )
+    bots = (
+        distinct_events.where(in_window)
         .groupBy("user_id", "event_date")
         .count()
         .where(F.col("count") > max_events_per_user_day)
-        .select("user_id", F.lit(True).alias("_bot"))
-        .distinct()
+        .groupBy("user_id")
+        .agg(F.lit(True).alias("_bot"))
     )
-    duplicate_rank = F.row_number().over(
-        Window.partitionBy("user_id", "listing_id", "event_type", "event_ts").orderBy(
-            F.col("session_id").asc_nulls_last(), F.col("source").asc_nulls_last()
-        )
+    known = listings.select("listing_id", F.lit(True).alias("_known")).distinct()
+    tagged = distinct_events.join(bots, "user_id", "left").join(
+        F.broadcast(known) if broadcast_listings else known, "listing_id", "left"
     )
-    tagged = (
-        events.join(known_listings, "listing_id", "left")
-        .join(daily, "user_id", "left")
-        .withColumn("_dup", duplicate_rank > 1)
-    )
+    null_key = F.lit(False)
+    for column in ("user_id", "listing_id", "event_type", "event_ts"):
+        null_key = null_key | F.col(column).isNull()
     reason = (
-        F.when(~F.col("event_type").isin(*event_types), "unknown_event_type")
+        F.when(null_key, "null_key")
+        .when(~F.col("event_type").isin(*event_types), "unknown_event_type")
         .when(F.col("event_ts") >= _end_of_day(run_date), "future_event")
         .when(~in_window, "outside_window")
-        .when(F.col("_dup"), "duplicate")
         .when(F.col("_known").isNull(), "unknown_listing")
         .when(F.col("_bot").isNotNull(), "bot_user")
     )
-    return tagged.withColumn("drop_reason", reason).drop("_known", "_bot", "_dup")
+    return tagged.withColumn("drop_reason", reason).drop("_known", "_bot")
+
+
+def drop_counts(tagged: DataFrame) -> DataFrame:
+    """Per drop reason (null = kept): distinct events, and the duplicate copies collapsed."""
+    return tagged.groupBy("drop_reason").agg(
+        F.count(F.lit(1)).alias("events"),
+        F.sum(F.col("copies") - 1).alias("duplicates"),
+    )
 
 
 def split_holdout(
@@ -135,25 +154,28 @@ def extend_vocabulary(ids: DataFrame, previous: DataFrame | None = None) -> Data
     return previous.select("id", "idx").unionByName(appended)
 
 
-def attach_log_q(examples: DataFrame) -> DataFrame:
-    """Add ``log_q``: log of each listing's share of training examples (log-Q correction)."""
-    per_listing = examples.groupBy("listing_idx").agg(F.count(F.lit(1)).alias("_n"))
-    total = examples.agg(F.count(F.lit(1)).alias("_total"))
-    share = per_listing.crossJoin(total).select(
-        "listing_idx", F.log(F.col("_n") / F.col("_total")).cast("float").alias("log_q")
+def listing_log_q(weighted: DataFrame) -> DataFrame:
+    """``log_q`` per listing: log of its share of (user, listing) pairs (log-Q correction)."""
+    per_listing = weighted.groupBy("listing_id").agg(F.count(F.lit(1)).alias("_n"))
+    total = per_listing.agg(F.sum("_n").alias("_total"))
+    return per_listing.crossJoin(total).select(
+        "listing_id", F.log(F.col("_n") / F.col("_total")).cast("float").alias("log_q")
     )
-    return examples.join(share, "listing_idx")
 
 
 def assemble_training_examples(
     weighted: DataFrame,
     user_vocabulary: DataFrame,
     listing_features: DataFrame,
+    *,
+    broadcast_features: bool = True,
 ) -> DataFrame:
-    """Join weighted (user_id, listing_id) pairs with ids and listing features.
+    """Join weighted (user_id, listing_id) pairs with ids, log-Q and listing features.
 
     Returns rows in the ``training_examples`` contract. Pairs whose listing has no features row
     cannot occur after cleaning (unknown listings are dropped), so the inner join loses nothing.
+    ``broadcast_features`` keeps the pairs where they are (partitioned by user) instead of
+    shuffling them by listing; turn it off for catalogues too big to broadcast.
     """
     users = user_vocabulary.select(F.col("id").alias("user_id"), F.col("idx").alias("user_idx"))
     feature_columns = [
@@ -161,9 +183,13 @@ def assemble_training_examples(
         for c in training_examples.SCHEMA.fieldNames()
         if c not in ("user_idx", "listing_idx", "weight", "log_q")
     ]
-    features = listing_features.select("listing_id", "listing_idx", *feature_columns)
-    examples = weighted.join(users, "user_id").join(features, "listing_id")
-    return attach_log_q(examples).select(*training_examples.SCHEMA.fieldNames())
+    features = listing_features.select("listing_id", "listing_idx", *feature_columns).join(
+        listing_log_q(weighted), "listing_id"
+    )
+    examples = weighted.join(users, "user_id").join(
+        F.broadcast(features) if broadcast_features else features, "listing_id"
+    )
+    return examples.select(*training_examples.SCHEMA.fieldNames())
 
 
 def mark_listings_with_interactions(listing_features: DataFrame, examples: DataFrame) -> DataFrame:

@@ -6,10 +6,14 @@ the table, column, problem and a few example rows.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from lib.schema_check import SchemaError
+from lib.schema_check import UNPARSEABLE, SchemaError
 from schemas import TableSpec
 
 _EXAMPLES = 3
@@ -51,3 +55,21 @@ def require_rows(row_count: int, table: str, what: str) -> None:
     """Fail when an input (or its window) is empty: an empty night must not publish."""
     if row_count == 0:
         raise SchemaError(table, None, f"no rows {what}")
+
+
+_RAISED = re.compile(rf"table '([^']+)', column '([^']+)': {UNPARSEABLE} '(.*?)'")
+
+
+@contextmanager
+def input_errors() -> Iterator[None]:
+    """Re-raise a bad value that ``conform`` stopped inside a Spark task as a ``SchemaError``."""
+    try:
+        yield
+    except SchemaError:
+        raise
+    except Exception as error:
+        match = _RAISED.search(str(error))
+        if match is None:
+            raise
+        table, column, value = match.groups()
+        raise SchemaError(table, column, UNPARSEABLE, [value]) from None

@@ -78,7 +78,8 @@ def test_tag_drop_reasons_tags_each_problem(spark, snapshot):
         spark,
         [
             ("u1", "L1", "view", ts(19), "s1"),  # kept
-            ("u1", "L1", "view", ts(19), "s1"),  # exact duplicate
+            ("u1", "L1", "view", ts(19), "s1"),  # exact duplicate: collapsed, copies=3
+            ("u1", "L1", "view", ts(19), "s1"),
             ("u1", "L2", "click", ts(19), "s1"),  # unknown type
             ("u1", "L9", "view", ts(19), "s1"),  # unknown listing
             ("u1", "L2", "view", ts(21), "s2"),  # after the run date
@@ -95,23 +96,43 @@ def test_tag_drop_reasons_tags_each_problem(spark, snapshot):
         max_events_per_user_day=4,
     )
     got = {
-        (r.user_id, r.listing_id, r.event_type, r.event_ts.day, r.drop_reason)
+        (r.user_id, r.listing_id, r.event_type, r.event_ts.day, r.copies, r.drop_reason)
         for r in tagged.collect()
     }
-    reasons = sorted((r.drop_reason or "kept") for r in tagged.select("drop_reason").collect())
-    assert reasons == sorted(
-        [
-            "kept",
-            "duplicate",
-            "unknown_event_type",
-            "unknown_listing",
-            "future_event",
-            "outside_window",
-        ]
-        + ["bot_user"] * 5
+    assert got == {
+        ("u1", "L1", "view", 19, 3, None),
+        ("u1", "L2", "click", 19, 1, "unknown_event_type"),
+        ("u1", "L9", "view", 19, 1, "unknown_listing"),
+        ("u1", "L2", "view", 21, 1, "future_event"),
+        ("u1", "L2", "view", 1, 1, "outside_window"),
+        *{("bot", "L3", "view", 18, 1, "bot_user")},
+    }
+    assert tagged.where("drop_reason = 'bot_user'").count() == 5
+    counts = {r.drop_reason: (r.events, r.duplicates) for r in shards.drop_counts(tagged).collect()}
+    assert counts[None] == (1, 2)
+    assert counts["bot_user"] == (5, 0)
+
+
+def test_tag_drop_reasons_flags_null_keys(spark, snapshot):
+    rows = [
+        Row(user_id=None, listing_id="L1", event_type="view", event_ts=ts(19), session_id="s",
+            source="web", event_date=dt.date(2026, 11, 19)),
+        Row(user_id="u1", listing_id="L1", event_type="view", event_ts=ts(19), session_id="s",
+            source="web", event_date=dt.date(2026, 11, 19)),
+    ]  # fmt: skip
+    events = spark.createDataFrame(rows, interactions.SCHEMA.fromJson(
+        {**interactions.SCHEMA.jsonValue(),
+         "fields": [{**f, "nullable": True} for f in interactions.SCHEMA.jsonValue()["fields"]]}
+    ))  # fmt: skip
+    tagged = shards.tag_drop_reasons(
+        events,
+        snapshot,
+        run_date=RUN_DATE,
+        lookback_days=30,
+        event_types=("view",),
+        max_events_per_user_day=100,
     )
-    assert ("u1", "L1", "view", 19, None) in got
-    assert ("u1", "L9", "view", 19, "unknown_listing") in got
+    assert sorted((r.drop_reason or "kept") for r in tagged.collect()) == ["kept", "null_key"]
 
 
 def test_split_holdout_is_by_time_and_disjoint(spark):

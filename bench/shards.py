@@ -1,0 +1,107 @@
+"""Time the shard stage on a large generated marketplace.
+
+    .venv/bin/python bench/shards.py [--events 10000000 --listings 200000 --users 500000]
+
+Generates the inputs once under --data (reused when present with the same sizes), runs stage 1
+(`jobs/build_training_shards.py`) in a fresh local[2] session, and prints as its last line one
+JSON object: events, seconds (stage time), events_per_second, peak_rss_gb (driver Python + JVM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jobs import build_training_shards, generate_sample_data  # noqa: E402
+from lib.session import build_session  # noqa: E402
+
+RUN_DATE = dt.date(2026, 11, 20)
+
+
+def ensure_inputs(data: Path, listings: int, users: int, events: int) -> dict:
+    marker = data / "bench-inputs.json"
+    wanted = {"listings": listings, "users": users, "events": events}
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return {"generated": False}
+    stats = generate_sample_data.run(
+        None,
+        generate_sample_data.parse_args(
+            ["--out", str(data), "--listings", str(listings), "--users", str(users),
+             "--events", str(events), "--days", "90",
+             "--end-date", (RUN_DATE + dt.timedelta(days=1)).isoformat()]
+        ),
+    )  # fmt: skip
+    marker.write_text(json.dumps(wanted))
+    return {"generated": True, "generate": stats}
+
+
+def peak_rss_gb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The JVM is a child of this process; it is still alive, so read its high-water mark.
+    jvm = 0
+    for pid in subprocess.run(
+        ["pgrep", "-P", str(os.getpid())], capture_output=True, text=True
+    ).stdout.split():
+        status = Path(f"/proc/{pid}/status")
+        if status.exists():
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    jvm = max(jvm, int(line.split()[1]))
+    return round((own + jvm) / 1024 / 1024, 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--events", type=int, default=10_000_000)
+    p.add_argument("--listings", type=int, default=200_000)
+    p.add_argument("--users", type=int, default=500_000)
+    p.add_argument("--data", default="/tmp/listing-similarity-bench/shards-input")
+    p.add_argument("--out", default="/tmp/listing-similarity-bench/shards")
+    a = p.parse_args()
+    data = Path(a.data)
+    data.mkdir(parents=True, exist_ok=True)
+    generation = ensure_inputs(data, a.listings, a.users, a.events)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = build_session("bench-shards", "local[2]")
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    stats = build_training_shards.run(
+        spark,
+        build_training_shards.parse_args(
+            ["--interactions", str(data / "interactions"), "--listings", str(data / "listings"),
+             "--out", a.out, "--run-date", RUN_DATE.isoformat()]
+        ),
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    counts = stats["counts"]
+    events = sum(v for k, v in counts.items() if k.startswith("dropped_")) + counts["events_kept"]
+    print(json.dumps({"counts": counts, **generation}, default=str))
+    print(
+        json.dumps(
+            {
+                "events": events,
+                "listings": a.listings,
+                "seconds": round(seconds, 1),
+                "events_per_second": round(events / seconds),
+                "peak_rss_gb": peak_rss_gb(),
+                "training_examples": counts["training_examples"],
+                "load_average_at_start": round(load_before, 2),
+                "cores": os.cpu_count(),
+            }
+        )
+    )
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()

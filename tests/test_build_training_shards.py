@@ -1,0 +1,187 @@
+"""Stage 1 as a job: bad input stops it before anything is written; ids stay stable."""
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs import build_training_shards
+from lib.parquet_io import read_parquet
+from lib.schema_check import SchemaError
+from schemas import training_examples
+
+RUN_DATE = "2026-11-20"
+EVENTS_DDL = (
+    "user_id string, listing_id string, event_type string, event_ts string, "
+    "session_id string, source string, event_date string"
+)
+LISTINGS_DDL = (
+    "listing_id string, make string, model string, body_type string, fuel_type string, "
+    "transmission string, colour string, year int, mileage_km int, price_eur double, "
+    "power_kw int, latitude double, longitude double, city string, dealer_id string, "
+    "is_active boolean"
+)
+
+
+def listing(listing_id, make="VW", price=10_000.0, active=True):
+    return (listing_id, make, f"{make}-x", "hatchback", "petrol", "manual", "red", 2019,
+            60_000, price, 80, 52.5, 13.4, "Berlin", "d1", active)  # fmt: skip
+
+
+def event(user, listing_id, day=19, kind="view", when=None):
+    stamp = when or f"2026-11-{day:02d} 10:00:00"
+    return (user, listing_id, kind, stamp, f"{user}-{day}", "web", stamp[:10])
+
+
+def good_events():
+    return [
+        event(u, f"L{i}", day) for u in ("u1", "u2", "u3") for i in (1, 2, 3) for day in (17, 20)
+    ]
+
+
+def good_listings():
+    return [listing("L1"), listing("L2", "BMW", 30_000.0), listing("L3"), listing("L4")]
+
+
+def write_inputs(spark, root: Path, events, listings_rows, *, events_ddl=EVENTS_DDL,
+                 listings_ddl=LISTINGS_DDL) -> tuple[str, str]:  # fmt: skip
+    events_path, listings_path = str(root / "interactions"), str(root / "listings")
+    spark.createDataFrame(events, events_ddl).write.mode("overwrite").partitionBy(
+        "event_date"
+    ).parquet(events_path)
+    spark.createDataFrame(listings_rows, listings_ddl).write.mode("overwrite").parquet(
+        listings_path
+    )
+    return events_path, listings_path
+
+
+def run_stage(spark, events_path, listings_path, out, *extra):
+    args = build_training_shards.parse_args(
+        ["--interactions", events_path, "--listings", listings_path, "--out", str(out),
+         "--run-date", RUN_DATE, "--holdout-days", "1", "--num-files", "2", *extra]
+    )  # fmt: skip
+    return build_training_shards.run(spark, args)
+
+
+@pytest.fixture
+def existing_output(tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "previous-run.txt").write_text("yesterday's shards")
+    return out
+
+
+def assert_untouched(out: Path):
+    assert [p.name for p in out.iterdir()] == ["previous-run.txt"]
+    assert not [p for p in out.parent.iterdir() if ".staging" in p.name]
+
+
+BAD_INPUTS = {
+    "missing column": (
+        lambda: good_events(),
+        lambda: [r[:-1] for r in good_listings()],
+        LISTINGS_DDL.rsplit(",", 1)[0],
+        ("listings", "is_active", "missing column"),
+    ),
+    "mistyped column": (
+        lambda: good_events(),
+        lambda: [(*r[:9], "cheap", *r[10:]) for r in good_listings()],
+        LISTINGS_DDL.replace("price_eur double", "price_eur string"),
+        ("listings", "price_eur", "type string"),
+    ),
+    "duplicate listing ids": (
+        lambda: good_events(),
+        lambda: [*good_listings(), listing("L1", "Opel")],
+        LISTINGS_DDL,
+        ("listings", "listing_id", "duplicate"),
+    ),
+    "null keys": (
+        lambda: [
+            *good_events(),
+            (None, "L1", "view", "2026-11-19 10:00:00", "s", "web", "2026-11-19"),
+        ],
+        good_listings,
+        LISTINGS_DDL,
+        ("interactions", "user_id", "null"),
+    ),
+    "unparseable timestamp": (
+        lambda: [*good_events(), event("u9", "L1", when="2026-11-19 25:61:00")],
+        good_listings,
+        LISTINGS_DDL,
+        ("interactions", "event_ts", "unparseable"),
+    ),
+    "empty window": (
+        lambda: [event("u1", "L1", when="2026-01-05 10:00:00")],
+        good_listings,
+        LISTINGS_DDL,
+        ("interactions", None, "no rows in the window"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_before_anything_is_written(spark, tmp_path, existing_output, case):
+    events, listings_rows, listings_ddl, (table, column, problem) = BAD_INPUTS[case]
+    paths = write_inputs(
+        spark, tmp_path / "in", events(), listings_rows(), listings_ddl=listings_ddl
+    )
+    with pytest.raises(SchemaError) as raised:
+        run_stage(spark, *paths, existing_output)
+    error = raised.value
+    assert (error.table, error.column) == (table, column)
+    assert problem in str(error)
+    if case in ("null keys", "duplicate listing ids", "unparseable timestamp"):
+        assert error.examples, "the error shows example rows"
+    assert_untouched(existing_output)
+
+
+def test_shards_manifest_counts_and_files(spark, tmp_path):
+    events = [
+        *good_events(),
+        event("u1", "L1", 17),  # exact duplicate of a good event
+        event("u1", "L9", 18),  # unknown listing
+        event("u1", "L1", 18, kind="share"),  # unknown type
+        event("u1", "L1", when="2026-11-25 10:00:00"),  # future
+    ]
+    paths = write_inputs(spark, tmp_path / "in", events, good_listings())
+    run_stage(spark, *paths, tmp_path / "shards")
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["events_read"] == len(events)
+    assert counts["dropped_duplicate"] == 1
+    assert counts["dropped_unknown_listing"] == 1
+    assert counts["dropped_unknown_event_type"] == 1
+    assert counts["dropped_future_event"] == 1
+    assert counts["events_kept"] == len(good_events())
+    assert counts["holdout_events"] == 9  # day 20 is the held-out day
+    assert counts["training_examples"] == 9  # 3 users × 3 listings from day 17
+    assert counts["cold_listings"] == 1  # L4: active, never interacted with
+    assert len(manifest["train_files"]) <= 2
+    assert set(manifest["cardinalities"]) == set(training_examples.CATEGORICAL_CODES)
+    holdout = read_parquet(spark, tmp_path / "shards" / "holdout", training_examples.HOLDOUT_SPEC)
+    assert {r.event_ts.date() for r in holdout.collect()} == {dt.date(2026, 11, 20)}
+
+
+def test_ids_are_stable_across_runs_with_new_listings_and_users(spark, tmp_path):
+    first_paths = write_inputs(spark, tmp_path / "in1", good_events(), good_listings())
+    run_stage(spark, *first_paths, tmp_path / "day1")
+    second_events = [*good_events(), event("u0", "L0", 18), event("u4", "L5", 18)]
+    second_listings = [listing("L0"), *good_listings(), listing("L5")]
+    second_paths = write_inputs(spark, tmp_path / "in2", second_events, second_listings)
+    run_stage(spark, *second_paths, tmp_path / "day2", "--previous-shards", str(tmp_path / "day1"))
+
+    def vocab(day, name):
+        spec = training_examples.LISTING_VOCABULARY_SPEC
+        return {
+            r.id: r.idx
+            for r in read_parquet(spark, tmp_path / day / "vocab" / name, spec).collect()
+        }
+
+    for name in ("listings", "users"):
+        before, after = vocab("day1", name), vocab("day2", name)
+        assert {k: after[k] for k in before} == before  # old ids keep their index
+        assert sorted(after.values()) == list(range(len(after)))  # dense, no gaps
+    listings_after = vocab("day2", "listings")
+    assert listings_after["L0"] == 4 and listings_after["L5"] == 5  # appended in id order
+    assert vocab("day2", "users")["u0"] == 3 and vocab("day2", "users")["u4"] == 4
