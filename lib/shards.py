@@ -63,17 +63,15 @@ def tag_drop_reasons(
             F.min("source").alias("source"),
         )
     )
-    bots = (
-        distinct_events.where(in_window)
-        .groupBy("user_id", "event_date")
-        .count()
-        .where(F.col("count") > max_events_per_user_day)
-        .groupBy("user_id")
-        .agg(F.lit(True).alias("_bot"))
-    )
+    # Window functions partitioned by user reuse the events' user partitioning: one sort,
+    # no second scan or shuffle (a join with a per-day aggregate re-reads the events).
+    events_that_day = F.count(F.lit(1)).over(Window.partitionBy("user_id", "event_date"))
+    busiest_day = F.max(F.when(in_window, F.col("_day_events"))).over(Window.partitionBy("user_id"))
     known = listings.select("listing_id", F.lit(True).alias("_known")).distinct()
-    tagged = distinct_events.join(bots, "user_id", "left").join(
-        F.broadcast(known) if broadcast_listings else known, "listing_id", "left"
+    tagged = (
+        distinct_events.withColumn("_day_events", events_that_day)
+        .withColumn("_bot", busiest_day > max_events_per_user_day)
+        .join(F.broadcast(known) if broadcast_listings else known, "listing_id", "left")
     )
     null_key = F.lit(False)
     for column in ("user_id", "listing_id", "event_type", "event_ts"):
@@ -84,9 +82,9 @@ def tag_drop_reasons(
         .when(F.col("event_ts") >= _end_of_day(run_date), "future_event")
         .when(~in_window, "outside_window")
         .when(F.col("_known").isNull(), "unknown_listing")
-        .when(F.col("_bot").isNotNull(), "bot_user")
+        .when(F.col("_bot"), "bot_user")
     )
-    return tagged.withColumn("drop_reason", reason).drop("_known", "_bot")
+    return tagged.withColumn("drop_reason", reason).drop("_known", "_bot", "_day_events")
 
 
 def drop_counts(tagged: DataFrame) -> DataFrame:
