@@ -83,7 +83,7 @@ def print_examples(spark: SparkSession, layout: Layout, run_date: dt.date, count
 
 def run(spark: SparkSession, args: DemoArgs) -> dict:
     layout, started = Layout(args.root), time.perf_counter()
-    generated = generate_sample_data.run(
+    generate_sample_data.run(
         None,
         generate_sample_data.parse_args(
             [
@@ -121,9 +121,7 @@ def run(spark: SparkSession, args: DemoArgs) -> dict:
         ),
     )
     print_examples(spark, layout, args.run_date, args.examples)
-    print(
-        f"\ninputs:  {args.root}/inputs (generated in {generate_seconds:.1f}s: {generated.get('counts', '')})"
-    )
+    print(f"\ninputs:  {args.root}/inputs (generated in {generate_seconds:.1f}s)")
     for table in ("listing_embeddings", "listing_neighbours", "runs"):
         print(f"table:   {layout.table(table)}")
     print(f"model:   {layout.model_dir(result['model_version'])}")
