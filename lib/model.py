@@ -85,7 +85,7 @@ class TwoTowerModel(nn.Module):
 
     The loss goes through ``forward`` so DistributedDataParallel's gradient hooks see it.
     The id tables are ``sparse=True`` embeddings: their gradients touch only the rows in the
-    batch, which SparseAdam updates and DDP all-reduces as sparse tensors.
+    batch, which a lazy (row-wise) Adam updates and DDP all-reduces as sparse tensors.
     """
 
     def __init__(self, config: TwoTowerConfig):
@@ -96,10 +96,14 @@ class TwoTowerModel(nn.Module):
         self.listing_embedding = nn.Embedding(
             config.num_listings + 1, config.id_dim, sparse=True, padding_idx=config.num_listings
         )
-        self.code_embeddings = nn.ModuleList(
-            nn.Embedding(n, config.feature_dim) for _, n in config.cardinalities
-        )
-        in_dim = config.id_dim + len(config.cardinalities) * config.feature_dim + config.num_dense
+        # All categorical features share one table, each code shifted by its feature's offset:
+        # one lookup and one backward instead of one per feature (a measurable share of a step).
+        sizes = [n for _, n in config.cardinalities]
+        self.feature_embedding = nn.Embedding(max(sum(sizes), 1), config.feature_dim)
+        offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0)
+        self.register_buffer("code_offsets", offsets[: len(sizes)], persistent=False)
+        self.register_buffer("code_sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
+        in_dim = config.id_dim + len(sizes) * config.feature_dim + config.num_dense
         self.listing_mlp = nn.Sequential(
             nn.Linear(in_dim, config.hidden),
             nn.ReLU(),
@@ -117,11 +121,10 @@ class TwoTowerModel(nn.Module):
         nn.init.normal_(self.listing_embedding.weight, std=0.1)
         with torch.no_grad():
             self.listing_embedding.weight[self.unknown_listing_idx].zero_()
-        for emb in self.code_embeddings:
-            nn.init.normal_(emb.weight, std=0.1)
+        nn.init.normal_(self.feature_embedding.weight, std=0.1)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
-        """The id tables (sparse gradients): optimise with ``torch.optim.SparseAdam``."""
+        """The id tables (sparse gradients): optimise with a sparse optimizer (lazy Adam)."""
         return [self.user_embedding.weight, self.listing_embedding.weight]
 
     def dense_parameters(self) -> list[nn.Parameter]:
@@ -146,22 +149,28 @@ class TwoTowerModel(nn.Module):
         ``FloatTensor[B, num_dense]``. With ``id_known`` all False the vector depends only on
         the features, which is how cold-start listings are embedded.
         """
-        if codes.shape[-1] != len(self.code_embeddings):
+        if codes.shape[-1] != len(self.code_offsets):
             raise ValueError(
-                f"codes has {codes.shape[-1]} columns, expected {len(self.code_embeddings)}"
+                f"codes has {codes.shape[-1]} columns, expected {len(self.code_offsets)}"
             )
         if dense.shape[-1] != self.config.num_dense:
             raise ValueError(
                 f"dense has {dense.shape[-1]} columns, expected {self.config.num_dense}"
             )
+        # In one shared table an out-of-range code would silently read another feature's rows.
+        out_of_range = (codes < 0) | (codes >= self.code_sizes)
+        if bool(out_of_range.any()):
+            bad = out_of_range.any(dim=0).nonzero().flatten().tolist()
+            names = [self.config.code_names[i] for i in bad]
+            raise ValueError(f"codes out of range for {names} (sizes {self.config.cardinalities})")
         if id_known is not None:
             listing_idx = torch.where(
                 id_known, listing_idx, torch.full_like(listing_idx, self.unknown_listing_idx)
             )
-        parts = [self.listing_embedding(listing_idx)]
-        parts += [emb(codes[:, i]) for i, emb in enumerate(self.code_embeddings)]
-        parts.append(dense.to(parts[0].dtype))
-        return F.normalize(self.listing_mlp(torch.cat(parts, dim=-1)), dim=-1)
+        ids = self.listing_embedding(listing_idx)
+        feats = self.feature_embedding(codes + self.code_offsets).flatten(1)
+        x = torch.cat([ids, feats, dense.to(ids.dtype)], dim=-1)
+        return F.normalize(self.listing_mlp(x), dim=-1)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.loss(batch)
@@ -169,25 +178,75 @@ class TwoTowerModel(nn.Module):
     def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """In-batch sampled softmax with log-Q correction, weighted by ``log1p(weight)``.
 
-        Row i's positive is column i; the other listings of the batch are its negatives, except
-        copies of its own listing (masked out, they are not negatives). ``batch`` holds
-        ``user_idx, listing_idx, codes, dense, weight, log_q`` as produced by the shard loader.
+        Row i's positive is its own listing; every other row's listing is a negative, except
+        copies of its own (not negatives). The listing tower runs once per distinct listing:
+        a listing seen c times in the batch is one column whose logit gets ``+log c`` (c
+        copies, as a negative), minus that again in the rows where it is the positive (one
+        copy). This is exactly the loss over all B columns with copies masked, at the cost of
+        the distinct listings. ``batch`` holds ``user_idx, listing_idx, codes, dense, weight,
+        log_q`` as produced by the shard loader.
         """
         listing_idx = batch["listing_idx"]
+        columns, target = torch.unique(listing_idx, return_inverse=True)
+        rows = torch.arange(len(listing_idx), device=listing_idx.device)
+        # A row that holds each distinct listing (its features and log_q are the same in all).
+        first = torch.full_like(columns, len(listing_idx)).scatter_reduce_(
+            0, target, rows, reduce="amin"
+        )
         id_known = None
         if self.training and self.config.id_dropout > 0:
-            id_known = (
-                torch.rand(listing_idx.shape, device=listing_idx.device) >= self.config.id_dropout
-            )
+            id_known = torch.rand(columns.shape, device=columns.device) >= self.config.id_dropout
         users = self.user_vectors(batch["user_idx"])
-        listings = self.listing_vectors(listing_idx, batch["codes"], batch["dense"], id_known)
+        listings = self.listing_vectors(
+            columns,
+            batch["codes"].index_select(0, first),
+            batch["dense"].index_select(0, first),
+            id_known,
+        )
+        log_count = torch.bincount(target, minlength=len(columns)).to(users.dtype).log()
         # Subtracting log q undoes the popularity bias of in-batch negatives (Yi et al. 2019).
-        log_q = batch["log_q"].to(users.dtype)
-        logits = torch.addmm(-log_q[None, :], users, listings.T, alpha=1 / self.config.temperature)
-        same = listing_idx[:, None] == listing_idx[None, :]
-        same.fill_diagonal_(False)
-        logits = logits.masked_fill(same, float("-inf"))
-        targets = torch.arange(len(listing_idx), device=logits.device)
-        per_example = F.cross_entropy(logits, targets, reduction="none")
+        log_q = batch["log_q"].index_select(0, first).to(users.dtype)
         weights = torch.log1p(batch["weight"].to(users.dtype).clamp_min(0))
-        return (weights * per_example).sum() / weights.sum().clamp_min(1e-12)
+        return _SoftmaxCrossEntropy.apply(
+            users,
+            listings,
+            log_count - log_q,
+            -log_count.index_select(0, target),
+            target,
+            weights / weights.sum().clamp_min(1e-12),
+            1 / self.config.temperature,
+        )
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """``Σ_i weight_i · cross_entropy(logits_i, target_i)`` for the logits
+    ``alpha · users @ listings.T + column_bias``, plus ``target_bias_i`` on each row's target.
+
+    The B × U logits dominate a training step on CPU. Autograd's cross entropy keeps
+    log-softmax, then its backward zero-fills a B × U gradient and exponentiates again; here the
+    forward keeps the softmax itself and the backward is one scaling pass and two matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, users, listings, column_bias, target_bias, target, weight, alpha):
+        rows = torch.arange(len(target), device=target.device)
+        logits = torch.addmm(column_bias[None, :], users, listings.T, alpha=alpha)
+        logits[rows, target] += target_bias
+        probs = torch.softmax(logits, dim=1)
+        per_example = -torch.log(probs[rows, target])
+        lost = torch.isinf(per_example)
+        if bool(lost.any()):  # the target's probability underflowed: compute those exactly
+            lse = torch.logsumexp(logits[lost], dim=1)
+            per_example[lost] = lse - logits[rows[lost], target[lost]]
+        ctx.save_for_backward(users, listings, probs, target, weight)
+        ctx.alpha = alpha
+        return (weight * per_example).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        users, listings, probs, target, weight = ctx.saved_tensors
+        scale = weight * (grad * ctx.alpha)
+        # d loss / d logits = weight_i · (softmax_i - onehot(target_i)), times alpha for the dot.
+        g = probs * scale[:, None]
+        g[torch.arange(len(target), device=target.device), target] -= scale
+        return g @ listings, g.T @ users, None, None, None, None, None

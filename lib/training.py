@@ -2,7 +2,7 @@
 
 ``run_distributed`` (driver) hands ``train_worker`` to TorchDistributor, which starts one process
 per rank (torchrun) and sets ``MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE``. Each rank streams its
-own shard files, trains a DDP replica (SparseAdam for the id tables, AdamW for the rest), and
+own shard files, trains a DDP replica (sparse lazy Adam for the id tables, AdamW for the rest), and
 rank 0 writes a checkpoint per epoch and, at the end, the model artifact and ``metrics.json``.
 
 ``out_dir`` (and ``shards_dir``) must be visible to every rank: local disk in local mode,
@@ -12,6 +12,7 @@ shared storage (DBFS, NFS, a FUSE-mounted bucket) when ranks run on executors.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -32,8 +33,9 @@ from lib.model import TwoTowerConfig, TwoTowerModel
 from schemas.training_examples import CATEGORICAL_CODES
 
 MANIFEST_SCHEMA_VERSION = 1
-ARTIFACT_FORMAT_VERSION = 1
-CHECKPOINT_FORMAT_VERSION = 1
+# 2: one shared feature-embedding table (was one table per code), SparseRowAdam state.
+ARTIFACT_FORMAT_VERSION = 2
+CHECKPOINT_FORMAT_VERSION = 2
 _CHECKPOINT_RE = re.compile(r"^epoch-(\d{3,})\.pt$")
 
 
@@ -60,6 +62,62 @@ class TrainParams:
     log_every: int = 50
     threads: int = 1
     use_gpu: bool = False
+
+
+class SparseRowAdam(torch.optim.Optimizer):
+    """``torch.optim.SparseAdam``'s update (lazy Adam: only the rows in the gradient move), done
+    with row gathers and scatters.
+
+    SparseAdam builds sparse tensors for every moment update (``sparse_mask`` twice, three
+    sparse adds); gathering the touched rows once, updating them densely and writing them back
+    is the same arithmetic with fewer passes over the batch's rows. The state has SparseAdam's
+    layout (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints look the same.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        if lr <= 0 or eps <= 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid SparseRowAdam settings lr={lr} betas={betas} eps={eps}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("SparseRowAdam needs sparse gradients (sparse=True tables)")
+                grad = p.grad.coalesce()
+                rows, values = grad._indices()[0], grad._values()
+                if rows.numel() == 0:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+                exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, exp_avg)
+                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+                step = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                update = exp_avg.div_(exp_avg_sq.sqrt_().add_(group["eps"]))
+                p.index_add_(0, rows, update, alpha=-step_size)
+        return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,9 +247,19 @@ def run_distributed(
 
     Needs an active SparkSession. ``local_mode=True`` runs the ranks on the driver;
     ``False`` runs them as barrier tasks on executors (which must be able to import ``lib``).
+    With ``use_gpu`` one rank runs per GPU (nccl); TorchDistributor takes the GPUs from Spark's
+    resource scheduling, so the driver (local mode) or the executors and tasks must declare
+    them (``spark.{driver,executor,task}.resource.gpu.amount`` plus a discovery script).
     """
     from pyspark.ml.torch.distributor import TorchDistributor
+    from pyspark.sql import SparkSession
 
+    spark = SparkSession.getActiveSession()
+    if use_gpu and local_mode and spark is not None and "gpu" not in spark.sparkContext.resources:
+        raise ValueError(
+            "use_gpu in local mode, but the Spark driver declares no GPUs: set "
+            "spark.driver.resource.gpu.amount and spark.driver.resource.gpu.discoveryScript"
+        )
     params = replace(params, use_gpu=use_gpu)
     distributor = TorchDistributor(
         num_processes=num_processes, local_mode=local_mode, use_gpu=use_gpu
@@ -258,9 +326,10 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
 
     torch.manual_seed(params.seed)
     model = TwoTowerModel(config).to(device)
-    sparse_opt = torch.optim.SparseAdam(model.sparse_parameters(), lr=params.sparse_lr)
+    sparse_opt = SparseRowAdam(model.sparse_parameters(), lr=params.sparse_lr)
+    # fused: one kernel for all dense tensors instead of a dozen small ops per step.
     dense_opt = torch.optim.AdamW(
-        model.dense_parameters(), lr=params.lr, weight_decay=params.weight_decay
+        model.dense_parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True
     )
     start_epoch, step, history = 0, 0, []
     resumed_from = _resume(params, config, model, sparse_opt, dense_opt)
@@ -269,9 +338,7 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         if rank == 0:
             _log(f"resumed from epoch {start_epoch} (step {step})")
 
-    ddp = DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
-    )
+    net = _distributed(model, device, world)
     dataset = ShardDataset(
         files,
         rank=rank,
@@ -281,7 +348,12 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         seed=params.seed,
         num_workers=params.num_workers,
     )
-    loader = DataLoader(dataset, batch_size=None, num_workers=params.num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=params.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     if rank == 0:
         _log(
             f"training: world_size {world}, {len(files)} files, {len(dataset)} batches/rank/epoch, "
@@ -291,14 +363,15 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
     for epoch in range(start_epoch, params.epochs):
         _seed_everything(params.seed, epoch, rank)
         dataset.set_epoch(epoch)
-        ddp.train()
+        net.train()
         started = last_log = time.perf_counter()
+        cpu_started = time.process_time()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         examples = examples_at_log = 0
         batches = 0
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = ddp(batch)
+            loss = net(batch)
             sparse_opt.zero_grad(set_to_none=True)
             dense_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -314,7 +387,8 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
                 _log(f"epoch {epoch + 1} step {step} loss {loss.item():.4f} examples/s {rate:,.0f}")
                 last_log, examples_at_log = now, examples
         seconds = time.perf_counter() - started
-        history.append(_epoch_summary(epoch, loss_sum, batches, examples, seconds, device))
+        cpu = time.process_time() - cpu_started
+        history.append(_epoch_summary(epoch, loss_sum, batches, examples, seconds, cpu, device))
         if rank == 0:
             h = history[-1]
             _log(
@@ -325,6 +399,8 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
                 _checkpoint(params, config, model, sparse_opt, dense_opt, epoch + 1, step, history),
                 checkpoint_path(params.out_dir, epoch + 1),
             )
+        # Without this the other ranks' next epoch would start its clock while rank 0 writes.
+        dist.barrier()
 
     metrics = _metrics(params, model, history, world, step, resumed_from)
     if rank == 0:
@@ -333,15 +409,48 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
     return metrics
 
 
+def _distributed(model: TwoTowerModel, device: torch.device, world: int) -> torch.nn.Module:
+    """The module the training loop calls: the model itself for one rank, else DDP.
+
+    With one rank there is nothing to synchronise and DDP's hooks and buckets are pure
+    overhead. With several, DDP all-reduces the dense gradients and the id tables' sparse ones
+    (only the batch's rows travel). On GPUs DDP talks over a gloo group: public NCCL builds have
+    no sparse all-reduce, and the dense gradients are small (feature embeddings and the MLP).
+    """
+    if world == 1:
+        return model
+    group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=group,
+        # The model's buffers are constants derived from its config (feature-code offsets):
+        # broadcasting them before every forward would add a collective per step.
+        forward_sync_buffers=False,
+        # Not gradient_as_bucket_view=True: with the id tables' sparse gradients it corrupted
+        # the heap within ~1,000 steps at 2 ranks (`malloc(): unaligned tcache chunk`, SIGABRT in
+        # backward; `bench/train.py --configs 2x1`); without it 3 epochs ran clean.
+        gradient_as_bucket_view=False,
+    )
+
+
 def _epoch_summary(
-    epoch: int, loss_sum: torch.Tensor, batches: int, examples: int, seconds: float, device
+    epoch: int,
+    loss_sum: torch.Tensor,
+    batches: int,
+    examples: int,
+    seconds: float,
+    cpu_seconds: float,
+    device: torch.device,
 ) -> dict[str, Any]:
-    totals = torch.tensor([float(loss_sum), batches, examples], dtype=torch.float64, device=device)
+    totals = torch.tensor(
+        [float(loss_sum), batches, examples, cpu_seconds], dtype=torch.float64, device=device
+    )
     dist.all_reduce(totals)
     # The slowest rank sets the pace; using its time makes every rank report the same numbers.
     slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    loss_total, batch_total, example_total = totals.tolist()
+    loss_total, batch_total, example_total, cpu_total = totals.tolist()
     secs = float(slowest.item())
     return {
         "epoch": epoch + 1,
@@ -350,6 +459,9 @@ def _epoch_summary(
         "examples": int(example_total),
         "seconds": secs,
         "examples_per_s": example_total / max(secs, 1e-9),
+        # CPU time of all rank processes (DataLoader workers not included): on a shared
+        # machine examples per CPU-second says more about the code than wall-clock rates.
+        "cpu_seconds": cpu_total,
     }
 
 

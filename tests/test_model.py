@@ -187,3 +187,81 @@ def test_loss_is_finite_and_decreases_on_a_toy_problem():
         sparse_opt.step()
         dense_opt.step()
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_out_of_range_codes_are_refused_not_read_from_another_feature():
+    model = TwoTowerModel(make_config())
+    codes = torch.tensor([[4, 3, 6], [5, 0, 0]])  # make_code has 5 codes: 5 is out of range
+    with pytest.raises(ValueError, match="make_code"):
+        model.listing_vectors(torch.tensor([0, 1]), codes, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="geo_cell"):
+        model.listing_vectors(torch.tensor([0]), torch.tensor([[0, 0, -1]]), torch.zeros(1, 2))
+    model.listing_vectors(torch.tensor([0]), torch.tensor([[4, 3, 6]]), torch.zeros(1, 2))
+
+
+def test_feature_codes_share_one_table_without_collisions():
+    model = TwoTowerModel(make_config())
+    assert model.feature_embedding.weight.shape == (5 + 4 + 7, 4)
+    assert model.code_offsets.tolist() == [0, 5, 9]
+    # Same code value in different features reads different rows.
+    rows = torch.tensor([[2, 2, 2]]) + model.code_offsets
+    assert rows.tolist() == [[2, 7, 11]]
+    assert "code_offsets" not in model.state_dict()
+
+
+def test_loss_equals_full_softmax_with_repeated_listings_masked():
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config())
+    model.eval()
+    batch = make_batch(24, torch.Generator().manual_seed(6))
+    batch["listing_idx"] = batch["listing_idx"] % 7  # many repeats
+    # A listing's features and log_q are the same wherever it appears.
+    batch["codes"] = torch.stack([batch["listing_idx"] % c for _, c in CARDS], 1)
+    batch["dense"] = batch["listing_idx"][:, None].float().repeat(1, 2) / 7
+    batch["log_q"] = -(batch["listing_idx"].float() + 1) / 3
+    users = model.user_vectors(batch["user_idx"])
+    listings = model.listing_vectors(batch["listing_idx"], batch["codes"], batch["dense"])
+    logits = users @ listings.T / model.config.temperature - batch["log_q"][None, :]
+    same = batch["listing_idx"][:, None] == batch["listing_idx"][None, :]
+    same.fill_diagonal_(False)
+    per_row = torch.nn.functional.cross_entropy(
+        logits.masked_fill(same, float("-inf")), torch.arange(24), reduction="none"
+    )
+    weights = torch.log1p(batch["weight"])
+    expected = (weights * per_row).sum() / weights.sum()
+    torch.testing.assert_close(model.loss(batch), expected)
+
+
+def test_softmax_cross_entropy_gradients_are_exact():
+    from lib.model import _SoftmaxCrossEntropy
+
+    gen = torch.Generator().manual_seed(7)
+    users = torch.randn(6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    listings = torch.randn(4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    column_bias = torch.randn(4, dtype=torch.float64, generator=gen)
+    target = torch.tensor([0, 1, 2, 3, 1, 0])
+    target_bias = -torch.rand(6, dtype=torch.float64, generator=gen)
+    weight = torch.rand(6, dtype=torch.float64, generator=gen)
+
+    def ours(u, v):
+        return _SoftmaxCrossEntropy.apply(u, v, column_bias, target_bias, target, weight, 3.0)
+
+    torch.autograd.gradcheck(ours, (users, listings))
+    logits = 3.0 * users @ listings.T + column_bias
+    logits = logits + torch.nn.functional.one_hot(target, 4) * target_bias[:, None]
+    reference = (weight * torch.nn.functional.cross_entropy(logits, target, reduction="none")).sum()
+    torch.testing.assert_close(ours(users, listings), reference)
+
+
+def test_softmax_cross_entropy_survives_an_underflowing_target():
+    from lib.model import _SoftmaxCrossEntropy
+
+    users = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    listings = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], requires_grad=True)
+    # Target column 1 sits 200 / T below column 0: its probability underflows to 0 in float32.
+    loss = _SoftmaxCrossEntropy.apply(
+        users, listings, torch.zeros(2), torch.zeros(1), torch.tensor([1]), torch.ones(1), 100.0
+    )
+    assert loss.item() == pytest.approx(200.0)
+    loss.backward()
+    assert torch.isfinite(users.grad).all() and torch.isfinite(listings.grad).all()

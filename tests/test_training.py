@@ -297,6 +297,13 @@ def test_run_distributed_two_processes(spark, shards, tmp_path):
     assert (out / "checkpoints" / "epoch-002.pt").exists()
 
 
+def test_gpu_in_local_mode_needs_gpus_declared_to_the_driver(spark, shards, tmp_path):
+    # The test session declares no GPU resources, as a driver without GPUs would.
+    with pytest.raises(ValueError, match=r"spark\.driver\.resource\.gpu\.amount"):
+        run_distributed(params(shards, tmp_path / "gpu"), num_processes=1, use_gpu=True)
+    assert not (tmp_path / "gpu").exists()
+
+
 def test_job_parses_flags_and_needs_a_session():
     from jobs.train_embeddings import parse_args, run
 
@@ -318,3 +325,37 @@ def test_train_worker_runs_as_one_rank_without_launcher_env(shards, tmp_path, mo
     metrics = train_worker(params(shards, tmp_path / "run", epochs=1))
     assert metrics["world_size"] == 1
     assert (tmp_path / "run" / "model.pt").exists()
+
+
+def test_sparse_row_adam_matches_torch_sparse_adam():
+    torch.manual_seed(0)
+    tables = [torch.nn.Embedding(50, 4, sparse=True) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    initial = tables[0].weight.detach().clone()
+    ours = training.SparseRowAdam(tables[0].parameters(), lr=0.05)
+    reference = torch.optim.SparseAdam(tables[1].parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    seen = torch.zeros(50, dtype=torch.bool)
+    for _ in range(6):
+        ids = torch.randint(0, 40, (12,), generator=gen)  # repeats: the gradient is uncoalesced
+        seen[ids] = True
+        target = torch.randn(12, 4, generator=gen)
+        for table, opt in zip(tables, (ours, reference), strict=True):
+            opt.zero_grad()
+            ((table(ids) - target) ** 2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(tables[0].weight, tables[1].weight, rtol=1e-5, atol=1e-6)
+    mine, theirs = ours.state[tables[0].weight], reference.state[tables[1].weight]
+    assert mine["step"] == theirs["step"] == 6
+    torch.testing.assert_close(mine["exp_avg"], theirs["exp_avg"])
+    torch.testing.assert_close(mine["exp_avg_sq"], theirs["exp_avg_sq"])
+    # Lazy: rows no batch touched are exactly as initialised.
+    assert torch.equal(tables[0].weight[~seen], initial[~seen])
+    assert (~seen).sum() >= 10
+
+
+def test_sparse_row_adam_refuses_dense_gradients():
+    weight = torch.nn.Parameter(torch.ones(3, 2))
+    weight.grad = torch.ones(3, 2)
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        training.SparseRowAdam([weight]).step()

@@ -1,0 +1,270 @@
+"""Training throughput of the two-tower model on this machine.
+
+    .venv/bin/python bench/train.py [--listings 200000 --users 500000 --examples 1500000]
+        [--batch-size 1024 --dim 32 --configs 1x2,2x1,1x1,1x1+w1] [--max-load 1.5] [--use-gpu]
+
+Fabricates a training-shards directory of the stage-1 layout (8 Parquet files + manifest.json,
+skewed listing popularity and user activity, log-Q from the counts) once under ``--data``, then
+trains it with ``lib.training.train_worker`` for each configuration ``PxT[+wN]`` (P DDP processes
+× T torch threads each, N DataLoader workers per process), every configuration in fresh
+processes with an ``env://`` rendezvous on localhost, exactly what torchrun/TorchDistributor
+give a rank. The id tables are sparse (SparseRowAdam) as in production.
+
+A configuration's rate is its last epoch's examples/s as the training loop measures it (all
+ranks' examples over the slowest rank's time, loader included); the first epoch also pays for
+warm-up. ``uptime`` load is recorded before and after each configuration, because on a shared
+machine a rate means little without it. The last printed line is one JSON object:
+``examples_per_second`` (best configuration), ``configs`` and ``device``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Must be set before torch (OpenMP) is imported here or in any rank: busy-waiting OpenMP
+# threads steal the core from the other rank or the loader when cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from lib.schema_check import arrow_schema  # noqa: E402
+from schemas.training_examples import CATEGORICAL_CODES, DENSE_FEATURES, SPEC  # noqa: E402
+
+# Vocabulary sizes of the default 20k-listing sample marketplace, scaled up where the catalogue
+# grows (model and location codes), so the feature table is as big as production's.
+CARDINALITIES = {
+    "make_code": 41,
+    "model_code": 400,
+    "body_type_code": 9,
+    "fuel_type_code": 6,
+    "transmission_code": 3,
+    "colour_code": 11,
+    "year_bucket": 17,
+    "mileage_bucket": 17,
+    "price_bucket": 17,
+    "power_bucket": 17,
+    "geo_cell": 600,
+}
+
+
+def fabricate_shards(
+    out: Path, *, listings: int, users: int, examples: int, files: int = 8, seed: int = 0
+) -> Path:
+    """Write a shards directory (train/*.parquet + manifest.json) unless the same one exists."""
+    wanted = {"listings": listings, "users": users, "examples": examples, "files": files}
+    marker = out / "bench-shards.json"
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "train").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    codes = np.stack(
+        [rng.integers(1, CARDINALITIES[c], listings) for c in CATEGORICAL_CODES], axis=1
+    ).astype(np.int32)
+    dense = rng.normal(size=(listings, len(DENSE_FEATURES))).astype(np.float32)
+    # Long-tailed popularity and activity, about as skewed as the sample marketplace's.
+    popularity = rng.lognormal(0.0, 1.2, listings)
+    activity = rng.lognormal(0.0, 1.0, users)
+    listing = rng.choice(listings, examples, p=popularity / popularity.sum()).astype(np.int32)
+    user = rng.choice(users, examples, p=activity / activity.sum()).astype(np.int32)
+    counts = np.bincount(listing, minlength=listings)
+    columns = {
+        "user_idx": user,
+        "listing_idx": listing,
+        "weight": rng.exponential(2.0, examples).astype(np.float32),
+        "log_q": np.log(counts[listing] / examples).astype(np.float32),
+        **{c: codes[listing, k] for k, c in enumerate(CATEGORICAL_CODES)},
+        **{c: dense[listing, k] for k, c in enumerate(DENSE_FEATURES)},
+    }
+    table = pa.table(columns, schema=arrow_schema(SPEC.schema))
+    names = []
+    for i, part in enumerate(np.array_split(np.arange(examples), files)):
+        names.append(f"train/part-{i:05d}.parquet")
+        pq.write_table(table.slice(part[0], len(part)), out / names[-1], row_group_size=1 << 17)
+    manifest = {
+        "schema_version": SPEC.version,
+        "num_users": users,
+        "num_listings": listings,
+        "cardinalities": CARDINALITIES,
+        "dense_features": list(DENSE_FEATURES),
+        "train_files": names,
+        "counts": {"training_examples": examples, "listings": listings},
+        "encodings": {},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    marker.write_text(json.dumps(wanted))
+    return out
+
+
+def parse_config(text: str) -> dict:
+    """``"2x1"`` -> 2 processes × 1 thread; ``"1x1+w1"`` adds 1 DataLoader worker per process."""
+    head, _, workers = text.partition("+w")
+    processes, _, threads = head.partition("x")
+    return {
+        "processes": int(processes),
+        "threads": int(threads),
+        "num_workers": int(workers or 0),
+    }
+
+
+def _rank(rank: int, world: int, port: int, params, results) -> None:
+    from lib.training import train_worker
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    metrics = train_worker(params)
+    if rank == 0:
+        results.put(metrics)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def wait_for_quiet(max_load: float, timeout_s: float) -> float:
+    """Block until the 1-minute load is below ``max_load`` (or ``timeout_s`` passed)."""
+    deadline = time.monotonic() + timeout_s
+    while load() >= max_load and time.monotonic() < deadline:
+        time.sleep(15)
+    return load()
+
+
+def run_config(shards: Path, config: dict, args: argparse.Namespace) -> dict:
+    """Train ``args.epochs`` epochs with one configuration in fresh processes; its rates."""
+    from lib.training import TrainParams
+
+    out = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    params = TrainParams(
+        shards_dir=str(shards),
+        out_dir=str(out),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        dim=args.dim,
+        id_dim=args.dim,
+        hidden=args.hidden,
+        threads=config["threads"],
+        num_workers=config["num_workers"],
+        log_every=args.log_every,
+        use_gpu=args.use_gpu,
+    )
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    before = load()
+    started = time.perf_counter()
+    try:
+        mp.start_processes(
+            _rank,
+            args=(config["processes"], _free_port(), params, results),
+            nprocs=config["processes"],
+            start_method="spawn",
+        )
+        metrics = results.get()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    epochs = metrics["epochs"]
+    return {
+        **config,
+        "batch": args.batch_size,
+        "examples_per_second": round(epochs[-1]["examples_per_s"]),
+        "epoch_examples_per_second": [round(e["examples_per_s"]) for e in epochs],
+        # All ranks' CPU time; on a loaded machine this moves far less than the wall rate.
+        "examples_per_cpu_second": round(epochs[-1]["examples"] / epochs[-1]["cpu_seconds"]),
+        "loss_per_epoch": [round(e["loss"], 4) for e in epochs],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "load_before": before,
+        "load_after": load(),
+    }
+
+
+def device_name(use_gpu: bool) -> str:
+    if use_gpu:
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--listings", type=int, default=200_000)
+    p.add_argument("--users", type=int, default=500_000)
+    p.add_argument("--examples", type=int, default=1_500_000)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=128, help="listing-tower MLP width")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--configs", default="1x2,2x1,1x1,1x1+w1")
+    p.add_argument("--log-every", type=int, default=0)
+    p.add_argument("--use-gpu", action="store_true", help="nccl, one process per GPU")
+    p.add_argument(
+        "--max-load",
+        type=float,
+        default=0.0,
+        help="before each configuration wait (up to --wait-s) until the 1-min load is below this",
+    )
+    p.add_argument("--wait-s", type=float, default=1800.0)
+    p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "bench-train-shards"))
+    args = p.parse_args(argv)
+
+    shards = fabricate_shards(
+        Path(args.data), listings=args.listings, users=args.users, examples=args.examples
+    )
+    results = []
+    for text in args.configs.split(","):
+        if args.max_load:
+            wait_for_quiet(args.max_load, args.wait_s)
+        result = run_config(shards, parse_config(text), args)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    best = max(results, key=lambda r: r["examples_per_second"])
+    print(
+        json.dumps(
+            {
+                "examples_per_second": best["examples_per_second"],
+                "best_config": f"{best['processes']}x{best['threads']}+w{best['num_workers']}",
+                "configs": results,
+                "device": device_name(args.use_gpu),
+                "catalogue": {"listings": args.listings, "users": args.users},
+                "examples_per_epoch": args.examples,
+                "dim": args.dim,
+                "hidden": args.hidden,
+                "torch": torch.__version__,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
