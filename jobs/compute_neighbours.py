@@ -1,4 +1,5 @@
-"""Stage 4: top-k cosine neighbours of every active listing -> listing_neighbours (one commit)."""
+"""Stage 4: top-k cosine neighbours of every active listing (IVF or exact), recall measured on a
+sample, quality gate, then one Delta commit replacing the run_date partition; old runs retired."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import datetime as dt
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
-from lib import delta_io, neighbours
+from lib import ann, delta_io, neighbours, quality_gate
 from lib.session import build_session
-from schemas import listing_embeddings, listing_neighbours
+from schemas import listing_embeddings, listing_neighbours, listings
 
 
 @dataclass(frozen=True)
@@ -21,68 +23,89 @@ class NeighbourArgs:
     embeddings: str
     table: str
     run_date: dt.date
+    method: str = "ivf"
     k: int = 20
+    nlist: int | None = None
+    nprobe: int = 16
     num_blocks: int | None = None
+    recall_sample: int = 2000
+    min_recall: float = 0.90
+    max_coverage_drop: float = 0.05
+    retain_runs: int = 30
+    vacuum_hours: float = 168.0
+    partition_key: str | None = None
+    listings: str | None = None
+    device: str = "cpu"
     run_id: str | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> NeighbourArgs:
+    d = NeighbourArgs("", "", dt.date.min)
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--embeddings", required=True, help="listing_embeddings Delta table path")
-    p.add_argument("--table", required=True, help="listing_neighbours Delta table path")
-    p.add_argument("--run-date", required=True, type=dt.date.fromisoformat)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--num-blocks", type=int, help="default: catalogue size / 4000")
-    p.add_argument("--run-id")
-    a = p.parse_args(argv)
-    return NeighbourArgs(a.embeddings, a.table, a.run_date, a.k, a.num_blocks, a.run_id)
+    add = p.add_argument
+    add("--embeddings", required=True, help="listing_embeddings Delta table path")
+    add("--table", required=True, help="listing_neighbours Delta table path")
+    add("--run-date", required=True, type=dt.date.fromisoformat)
+    add("--method", choices=ann.METHODS, default=d.method, help="exact: blockwise brute force")
+    add("--k", type=int, default=d.k)
+    add("--nlist", type=int, help="IVF lists (default: about sqrt(listings))")
+    add("--nprobe", type=int, default=d.nprobe, help="IVF lists searched per listing")
+    add("--num-blocks", type=int, help="exact: blocks (default: listings / 4000)")
+    add("--recall-sample", type=int, default=d.recall_sample, help="queries checked vs exact")
+    add("--min-recall", type=float, default=d.min_recall, help="gate: lowest recall@k")
+    add("--max-coverage-drop", type=float, default=d.max_coverage_drop,
+        help="gate: largest fall in the share of listings with k neighbours vs the last run")  # fmt: skip
+    add("--retain-runs", type=int, default=d.retain_runs, help="run dates kept (0: all)")
+    add("--vacuum-hours", type=float, default=d.vacuum_hours, help="vacuum retention window")
+    add("--partition-key", help="listings column: neighbours share its value (needs --listings)")
+    add("--listings", help="listings snapshot (Delta or Parquet)")
+    add("--device", default=d.device, help="scoring device inside tasks: cpu, cuda or auto")
+    add("--run-id")
+    args = NeighbourArgs(**vars(p.parse_args(argv)))
+    if args.partition_key and not args.listings:
+        p.error("--partition-key needs --listings")
+    return args
 
 
 def run(spark: SparkSession, args: NeighbourArgs) -> dict:
     started = time.perf_counter()
-    embeddings = delta_io.read_table(
-        spark,
-        args.embeddings,
-        listing_embeddings.SPEC,
-        partition={"run_date": args.run_date.isoformat()},
-    ).persist()
-    num_listings = embeddings.count()
-    if num_listings <= args.k:
-        raise ValueError(
-            f"table '{listing_embeddings.SPEC.name}': {num_listings} listings for "
-            f"{args.run_date}, need more than k={args.k} to publish neighbours"
-        )
+    day = {"run_date": args.run_date.isoformat()}
+    embeddings = delta_io.read_table(spark, args.embeddings, listing_embeddings.SPEC, partition=day)
+    if args.partition_key:
+        snapshot = delta_io.read_input(spark, args.listings, listings.SPEC)
+        embeddings = ann.with_partition_key(embeddings, snapshot, args.partition_key)
+    embeddings = embeddings.persist()
+    n = embeddings.count()
+    if n <= args.k:
+        raise ValueError(f"table '{listing_embeddings.SPEC.name}': {n} listings for "
+                         f"{args.run_date}, need more than k={args.k} to publish neighbours")  # fmt: skip
     model_version = embeddings.select("model_version").first()[0]
-    num_blocks = args.num_blocks or neighbours.default_num_blocks(num_listings)
-    top_k = neighbours.exact_top_k(embeddings, k=args.k, num_blocks=num_blocks)
-    table = neighbours.to_neighbours_table(
-        top_k, model_version=model_version, run_date=args.run_date
-    )
-    version = delta_io.write_table(
-        table,
-        args.table,
-        listing_neighbours.SPEC,
-        mode="overwrite",
-        replace_partition={"run_date": args.run_date.isoformat()},
-        commit_metadata={
-            "run_id": args.run_id,
-            "model_version": model_version,
-            "method": "exact",
-            "k": args.k,
-            "num_blocks": num_blocks,
-        },
-        sort_within_files_by=("listing_id", "rank"),
-    )
-    embeddings.unpersist()
-    return {
-        "stage": "neighbours",
-        "table": args.table,
-        "table_version": version,
-        "listings": num_listings,
-        "k": args.k,
-        "method": "exact",
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    params = ann.IvfParams(k=args.k, nlist=args.nlist, nprobe=args.nprobe, device=args.device)
+    found = ann.search(embeddings, method=args.method, params=params, num_listings=n,
+                       partition_col=args.partition_key, num_blocks=args.num_blocks)  # fmt: skip
+    top_k = found.top_k.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        quality = ann.quality(embeddings, top_k, k=args.k, num_listings=n,
+                              recall_sample=args.recall_sample, partition_col=args.partition_key,
+                              device=args.device)  # fmt: skip
+        published = quality_gate.publish(
+            neighbours.to_neighbours_table(top_k, model_version=model_version, run_date=args.run_date),
+            args.table, listing_neighbours.SPEC, metrics=quality,
+            config=quality_gate.GateConfig(args.min_recall, args.max_coverage_drop),
+            replace_partition=day, sort_within_files_by=("listing_id", "rank"),
+            keep_last=args.retain_runs, vacuum_hours=args.vacuum_hours,
+            commit_metadata={"run_id": args.run_id, "model_version": model_version,
+                             "method": found.method, "k": args.k, "listings": n, **found.info,
+                             "parameters": {k: str(v) for k, v in asdict(args).items()}},
+        )  # fmt: skip
+    finally:
+        top_k.unpersist()
+        found.release()
+        embeddings.unpersist()
+    return {"stage": "neighbours", "table": args.table, "model_version": model_version,
+            "listings": n, "k": args.k, "method": found.method, "nlist": found.info.get("nlist"),
+            "nprobe": found.info.get("nprobe"), **quality, **published,
+            "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -208,6 +208,114 @@ def input_version(path: str) -> str:
     return f"parquet:{digest.hexdigest()[:16]}"
 
 
+def apply_retention(
+    spark: SparkSession | None,
+    path: str,
+    spec: TableSpec,
+    *,
+    keep_last: int | None,
+    vacuum_hours: float | None = None,
+    partition_column: str | None = None,
+) -> dict[str, Any]:
+    """Keep the newest ``keep_last`` values of ``partition_column`` (default: the spec's first
+    partition column, e.g. the last N run dates) and remove every older partition in one commit;
+    then, unless ``vacuum_hours`` is None, delete files no commit has referenced for that long,
+    including files a killed write left behind in the table's folders or in its staging folder.
+    ``keep_last`` None or 0 keeps every partition.
+
+    With Delta's extension in ``spark`` this runs ``DeltaTable.delete``/``vacuum`` of Delta
+    Lake (which refuses windows under 168 hours unless its retention check is disabled);
+    otherwise delta-rs. A window shorter than the longest write may delete the files of a write
+    still in progress. Returns ``removed`` (partition values), ``vacuumed`` (table files deleted;
+    None under Delta Lake, which does not report them), ``stale_staging_files`` and the table
+    ``version`` afterwards.
+    """
+    uri = _normalise(path)
+    column = partition_column or (spec.partition_by[0] if spec.partition_by else None)
+    if column is None or column not in spec.partition_by:
+        raise ValueError(f"{spec.name}: retention needs a partition column, got {column!r}")
+    if keep_last is not None and keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+    if vacuum_hours is not None and vacuum_hours < 0:
+        raise ValueError(f"vacuum_hours must be >= 0, got {vacuum_hours}")
+    if not table_exists(uri):
+        return {"removed": [], "vacuumed": 0, "stale_staging_files": 0, "version": None}
+    native = spark is not None and has_delta_extension(spark)
+    data_type = {f.name: f.dataType for f in spec.schema.fields}[column]
+    values = {
+        p[column] for p in DeltaTable(_arrow_uri(uri)).partitions() if p.get(column) is not None
+    }
+    ordered = sorted(values, key=lambda v: _partition_sort_key(v, data_type))
+    removed = ordered[:-keep_last] if keep_last else []
+    if removed:
+        cutoff = ordered[-keep_last]
+        metadata = _metadata_json({"operation": "retention", "keep_last": keep_last,
+                                   "removed": removed})  # fmt: skip
+        if native:
+            condition = f"`{column}` < {_sql_literal(cutoff, data_type)}"
+            spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", metadata)
+            try:
+                SparkDeltaTable.forPath(spark, uri).delete(condition)
+            finally:
+                spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+        else:
+            DeltaTable(_arrow_uri(uri)).delete(
+                f'"{column}" < {_delta_rs_literal(cutoff, data_type)}',
+                commit_properties=CommitProperties(custom_metadata={"userMetadata": metadata}),
+            )
+    vacuumed: int | None = 0
+    stale = 0
+    if vacuum_hours is not None:
+        if native:
+            SparkDeltaTable.forPath(spark, uri).vacuum(float(vacuum_hours))
+            vacuumed = None  # Delta Lake's vacuum does not say which files it deleted
+        else:
+            vacuumed = len(
+                DeltaTable(_arrow_uri(uri)).vacuum(
+                    retention_hours=int(vacuum_hours),
+                    dry_run=False,
+                    enforce_retention_duration=False,
+                    full=True,
+                )
+            )
+        stale = _clean_staging(uri, vacuum_hours)
+    return {"removed": removed, "vacuumed": vacuumed, "stale_staging_files": stale,
+            "version": latest_version(uri)}  # fmt: skip
+
+
+def _clean_staging(uri: str, older_than_hours: float) -> int:
+    """Delete staging folders of writes that stopped (killed) more than ``older_than_hours`` ago:
+    no commit can name their files, and Delta's vacuum never looks inside ``_`` folders."""
+    fs, root = _filesystem(uri)
+    staging = f"{root}/{STAGING_DIR}"
+    if fs.get_file_info(staging).type != pafs.FileType.Directory:
+        return 0
+    cutoff_ns = (dt.datetime.now(dt.UTC).timestamp() - older_than_hours * 3600) * 1e9
+    deleted = 0
+    for folder in fs.get_file_info(pafs.FileSelector(staging)):
+        if folder.type != pafs.FileType.Directory:
+            continue
+        inside = fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
+        newest = max([f.mtime_ns or 0 for f in inside] + [folder.mtime_ns or 0])
+        if newest < cutoff_ns:
+            fs.delete_dir(folder.path)
+            deleted += sum(f.type == pafs.FileType.File for f in inside)
+    return deleted
+
+
+def _partition_sort_key(value: str, data_type: T.DataType) -> Any:
+    if isinstance(data_type, T.ByteType | T.ShortType | T.IntegerType | T.LongType):
+        return int(value)
+    return value  # ISO dates and timestamps order as text
+
+
+def _delta_rs_literal(value: str, data_type: T.DataType) -> str:
+    if isinstance(data_type, T.ByteType | T.ShortType | T.IntegerType | T.LongType):
+        return str(int(value))
+    escaped = str(value).replace("'", "''")
+    return f"'{escaped}'"
+
+
 # --------------------------------------------------------------------------------------------
 # Arguments, layout and paths
 # --------------------------------------------------------------------------------------------

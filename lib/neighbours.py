@@ -1,24 +1,71 @@
-"""Top-k cosine neighbours inside Spark.
+"""Top-k cosine neighbours inside Spark: the blockwise scoring both search methods share.
 
-``exact_top_k`` is blockwise brute force: listings are hashed into blocks, every (query block,
-candidate block) pair becomes one task that scores a dense matrix product and keeps each query's
-top k, and a final merge keeps the best k per query. Nothing proportional to the catalogue
-reaches the driver; memory per task is two blocks.
+A *task* is a set of query vectors and a set of candidate vectors, identified by the key
+(``part``, ``list``, ``qchunk``, ``cslice``). Task rows (``TASK_SCHEMA``: one per query,
+candidate, or listing that is both) are shuffled once so that each task lands whole in one Spark
+partition; a Python worker then scores each of its tasks with dense matrix products (torch, on
+CUDA when asked) and keeps per query only what can still matter: its best ``k`` (``home_tasks``)
+or the candidates reaching its threshold ``tau``, at most ``k`` (``search_tasks``). The merges
+keep the best ``k`` per query across tasks. Memory per worker is one partition's task rows plus
+one score block; nothing proportional to the catalogue reaches the driver.
+
+Vectors travel as packed float32 bytes (``pack_matrix``): Spark moves and Arrow-converts one
+byte string per row instead of ``d`` array elements, which is most of the cost of a shuffle here.
+
+``exact_top_k`` is blockwise brute force built on that: listings are hashed into blocks and every
+(candidate block, query block) pair is one task. ``lib.ann`` builds the IVF search on the same
+tasks.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, Window
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from schemas import listing_neighbours
 
-_PARTIAL_SCHEMA = "listing_id string, neighbour_id string, score float"
+# No partition key: every listing is in the same (empty-named) part.
+NO_PART = ""
+# Task row roles. A listing that is both query and candidate of a task travels once.
+CANDIDATE, QUERY, BOTH = 0, 1, 2
+# Every cosine is >= -1; a threshold below that keeps every real candidate but never a masked one.
+_KEEP_ALL = -2.0
+# Score blocks are at most this many floats (128 MB), however large a task's candidate set.
+_SCORE_BLOCK = 1 << 25
+# Rows per Spark partition where a stage collects whole partitions in a Python worker.
+ROWS_PER_PARTITION = 200_000
+
+TASK_COLUMNS = (
+    "part",  # partition key value: only listings of one part meet in a task
+    "list",  # the candidates' list (IVF) or block (exact)
+    "qchunk",  # which slice of the queries routed to this list
+    "cslice",  # which slice of this list's candidates
+    "role",  # CANDIDATE, QUERY or BOTH
+    "rid",  # row id: xxhash64(listing_id), used to never score a listing against itself
+    "listing_id",
+    "vec",  # packed unit vector
+    "tau",  # queries only: emit candidates scoring at least this (null: no threshold)
+    "probe_bytes",  # IVF home pass only: the lists this query searches, packed int32
+)
+# Only flat columns: Spark's Arrow writer is very slow on null arrays (every candidate row).
+TASK_SCHEMA = (
+    "part string, list int, qchunk int, cslice int, role tinyint, rid long, "
+    "listing_id string, vec binary, tau float, probe_bytes binary"
+)
+EMITTED_SCHEMA = "listing_id string, neighbour_id string, score float"
+HOME_SCHEMA = (
+    "part string, rid long, listing_id string, probes array<int>, vec binary, tau float, "
+    "top_ids array<string>, top_scores array<float>"
+)
+RANKED_SCHEMA = "listing_id string, neighbour_id string, rank int, score float"
+PACKED_SCHEMA = "part string, rid long, listing_id string, vec binary"
 
 
 def default_num_blocks(num_listings: int, block_size: int = 4_000) -> int:
@@ -26,79 +73,502 @@ def default_num_blocks(num_listings: int, block_size: int = 4_000) -> int:
     return max(1, -(-num_listings // block_size))
 
 
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+def partitions_for(rows: int, minimum: int) -> int:
+    """Spark partitions for a stage whose Python workers hold a whole partition."""
+    return max(minimum, -(-rows // ROWS_PER_PARTITION))
+
+
+# --------------------------------------------------------------------------------------------
+# Vectors
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` means CUDA when this process sees a GPU, else CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.where(norms == 0, 1.0, norms)
 
 
-def _stack(cells) -> tuple[list[str], np.ndarray]:
-    ids = [cell["listing_id"] for cell in cells]
-    vectors = np.stack([np.asarray(cell["embedding"], dtype=np.float32) for cell in cells])
-    return ids, _unit_rows(vectors)
+def vector_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Vectors as an (n, d) float32 matrix, from a list<float> column or a binary column of
+    packed float32 (``pack_matrix``), without per-row Python objects."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(array) == 0:
+        return np.empty((0, 0), np.float32)
+    if array.null_count:
+        raise ValueError("embeddings must not be null")
+    if pa.types.is_binary(array.type):
+        offsets = np.frombuffer(array.buffers()[1], np.int32)
+        offsets = offsets[array.offset : array.offset + len(array) + 1]
+        lengths = np.diff(offsets)
+        if lengths.min() != lengths.max() or lengths[0] % 4:
+            raise ValueError("packed vectors must all have the same length")
+        data = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+        return data.view(np.float32).reshape(len(array), int(lengths[0]) // 4)
+    lengths = pc.list_value_length(array)
+    low, high = pc.min_max(lengths).values()
+    if low.as_py() != high.as_py():
+        raise ValueError("embeddings must all have the same length")
+    flat = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(len(array), int(high.as_py()))
 
 
-def _score_block_pairs(k: int):
-    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for pdf in batches:
-            for query_cells, candidate_cells in zip(pdf["queries"], pdf["candidates"], strict=True):
-                query_ids, queries = _stack(query_cells)
-                candidate_ids, candidates = _stack(candidate_cells)
-                scores = queries @ candidates.T
-                position = {listing_id: j for j, listing_id in enumerate(candidate_ids)}
-                for i, listing_id in enumerate(query_ids):
-                    if listing_id in position:  # never one's own neighbour
-                        scores[i, position[listing_id]] = -np.inf
-                keep = min(k, scores.shape[1])
-                top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
-                top_scores = np.take_along_axis(scores, top, axis=1)
-                valid = np.isfinite(top_scores)
-                rows, cols = np.nonzero(valid)
-                yield pd.DataFrame(
-                    {
-                        "listing_id": np.asarray(query_ids, dtype=object)[rows],
-                        "neighbour_id": np.asarray(candidate_ids, dtype=object)[top[rows, cols]],
-                        "score": top_scores[rows, cols].astype(np.float32),
-                    }
-                )
-
-    return score
+def pack_ints(values: np.ndarray, offsets: np.ndarray) -> pa.BinaryArray:
+    """Variable-length int32 lists (flat values + row offsets) as a binary column."""
+    values = np.ascontiguousarray(values, dtype=np.int32)
+    return pa.Array.from_buffers(
+        pa.binary(), len(offsets) - 1,
+        [None, pa.py_buffer(np.asarray(offsets, np.int32) * 4), pa.py_buffer(values.tobytes())],
+    )  # fmt: skip
 
 
-def exact_top_k(embeddings: DataFrame, *, k: int, num_blocks: int) -> DataFrame:
-    """Exact top-``k`` cosine neighbours of every row of ``embeddings`` (listing_id, embedding).
+def unpack_ints(column: pa.ChunkedArray | pa.Array) -> pa.ListArray:
+    """The inverse of ``pack_ints``: a list<int32> column."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[
+        array.offset : array.offset + len(array) + 1
+    ]
+    data = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].view(np.int32)
+    return pa.ListArray.from_arrays(pa.array((offsets - offsets[0]) // 4), pa.array(data))
+
+
+def pack_matrix(vectors: np.ndarray) -> pa.BinaryArray:
+    """An (n, d) matrix as a binary column of packed float32 rows (read back with
+    ``vector_matrix``)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    offsets = np.arange(0, (n + 1) * d * 4, d * 4, dtype=np.int32)
+    return pa.Array.from_buffers(
+        pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(vectors.tobytes())]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring one task (plain numpy/torch; runs inside Python workers)
+# --------------------------------------------------------------------------------------------
+
+
+def _self_positions(query_rids: np.ndarray, candidate_rids: np.ndarray):
+    """(query index, candidate index) pairs where a query meets itself among the candidates."""
+    if len(candidate_rids) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    order = np.argsort(candidate_rids, kind="stable")
+    ordered = candidate_rids[order]
+    pos = np.minimum(np.searchsorted(ordered, query_rids), len(ordered) - 1)
+    rows = np.flatnonzero(ordered[pos] == query_rids)
+    return rows, order[pos[rows]]
+
+
+def _score_blocks(queries, candidates, query_rids, candidate_rids, device):
+    """Yield (first query index, score block) with each query's own entry set to -inf."""
+    import torch
+
+    c = torch.from_numpy(np.ascontiguousarray(candidates)).to(device)
+    step = max(1, _SCORE_BLOCK // max(1, len(candidates)))
+    for start in range(0, len(queries), step):
+        q = torch.from_numpy(np.ascontiguousarray(queries[start : start + step])).to(device)
+        scores = q @ c.T
+        rows, cols = _self_positions(query_rids[start : start + step], candidate_rids)
+        if len(rows):
+            scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = float(
+                "-inf"
+            )
+        yield start, scores
+
+
+def top_candidates(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    *,
+    k: int,
+    thresholds: np.ndarray,
+    query_rids: np.ndarray,
+    candidate_rids: np.ndarray,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each query, the candidates scoring at least its threshold (NaN or -inf: none), at most
+    ``k``, never itself. Rows must be unit length. Returns (query index, candidate index, score).
+
+    Most (query, foreign list) pairs have no candidate above the query's threshold, so the cheap
+    comparison runs on every score and the costlier top-k only on the rows that need it.
+    """
+    import torch
+
+    out_q, out_c, out_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []
+    if len(queries) == 0 or len(candidates) == 0:
+        return out_q[0], out_c[0], np.empty(0, np.float32)
+    taus = np.nan_to_num(np.asarray(thresholds, np.float32), nan=_KEEP_ALL, neginf=_KEEP_ALL)
+    taus = np.maximum(taus, _KEEP_ALL)
+    for start, scores in _score_blocks(queries, candidates, query_rids, candidate_rids, device):
+        tau = torch.from_numpy(taus[start : start + len(scores)]).to(scores.device)
+        keep = scores >= tau[:, None]
+        heavy = keep.sum(dim=1) > k
+        if bool(heavy.any()):
+            keep[heavy] = False
+            rows = torch.nonzero(heavy).squeeze(1)
+            values, cols = torch.topk(scores[rows], k, dim=1)
+            out_q.append((rows[:, None].expand(-1, k).reshape(-1) + start).cpu().numpy())
+            out_c.append(cols.reshape(-1).cpu().numpy())
+            out_s.append(values.reshape(-1).cpu().numpy())
+        rows, cols = torch.nonzero(keep, as_tuple=True)
+        out_q.append((rows + start).cpu().numpy())
+        out_c.append(cols.cpu().numpy())
+        out_s.append(scores[rows, cols].cpu().numpy())
+    return (
+        np.concatenate(out_q).astype(np.int64),
+        np.concatenate(out_c).astype(np.int64),
+        np.concatenate(out_s).astype(np.float32),
+    )
+
+
+def best_k(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    *,
+    k: int,
+    query_rids: np.ndarray,
+    candidate_rids: np.ndarray,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's best ``k`` candidates (itself excluded), best first: (indices, scores), both
+    (queries, min(k, candidates)); missing entries have score -inf."""
+    import torch
+
+    width = min(k, len(candidates))
+    index = np.zeros((len(queries), width), np.int64)
+    best = np.full((len(queries), width), -np.inf, np.float32)
+    if width == 0 or len(queries) == 0:
+        return index, best
+    for start, scores in _score_blocks(queries, candidates, query_rids, candidate_rids, device):
+        values, cols = torch.topk(scores, width, dim=1)
+        index[start : start + len(scores)] = cols.cpu().numpy()
+        best[start : start + len(scores)] = values.cpu().numpy()
+    return index, best
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a partition's tasks (mapInArrow functions)
+# --------------------------------------------------------------------------------------------
+
+
+def _task_groups(table: pa.Table) -> list[np.ndarray]:
+    keys = pd.DataFrame(
+        {name: table.column(name).to_numpy(zero_copy_only=False) for name in TASK_COLUMNS[:4]}
+    )
+    codes = keys.groupby(list(keys.columns), sort=False, dropna=False).ngroup().to_numpy()
+    order = np.argsort(codes, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
+
+
+def _prepare_worker(device: str) -> str:
+    import torch
+
+    # Spark runs one Python worker per core already; more threads would only contend.
+    torch.set_num_threads(1)
+    return resolve_device(device)
+
+
+def _load_partition(batches: Iterator[pa.RecordBatch]):
+    """The partition's task rows as one table, unit vectors, row ids and per-task
+    (query rows, candidate rows) index pairs; None for an empty partition."""
+    batches = [b for b in batches if b.num_rows]
+    if not batches:
+        return None
+    table = pa.Table.from_batches(batches)
+    vectors = unit_rows(vector_matrix(table.column("vec")))
+    role = table.column("role").to_numpy(zero_copy_only=False)
+    rids = table.column("rid").to_numpy(zero_copy_only=False)
+    tasks = [
+        (rows[role[rows] != CANDIDATE], rows[role[rows] != QUERY]) for rows in _task_groups(table)
+    ]
+    return table, vectors, rids, tasks
+
+
+def _search_tasks(k: int, device: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        resolved = _prepare_worker(device)
+        loaded = _load_partition(batches)
+        if loaded is None:
+            return
+        table, vectors, rids, tasks = loaded
+        taus = table.column("tau").to_numpy(zero_copy_only=False).astype(np.float32)
+        picked_q, picked_c, picked_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []
+        for queries, candidates in tasks:
+            qi, ci, scores = top_candidates(
+                vectors[queries],
+                vectors[candidates],
+                k=k,
+                thresholds=taus[queries],
+                query_rids=rids[queries],
+                candidate_rids=rids[candidates],
+                device=resolved,
+            )
+            picked_q.append(queries[qi])
+            picked_c.append(candidates[ci])
+            picked_s.append(scores)
+        ids = table.column("listing_id").combine_chunks()
+        q, c = np.concatenate(picked_q), np.concatenate(picked_c)
+        scores = np.concatenate(picked_s) if picked_s else np.empty(0, np.float32)
+        yield pa.RecordBatch.from_arrays(
+            [ids.take(q), ids.take(c), pa.array(scores, pa.float32())],
+            names=["listing_id", "neighbour_id", "score"],
+        )
+
+    return run
+
+
+def _home_tasks(k: int, device: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        resolved = _prepare_worker(device)
+        loaded = _load_partition(batches)
+        if loaded is None:
+            return
+        table, vectors, rids, tasks = loaded
+        ids = table.column("listing_id").combine_chunks()
+        picked, taus, counts, neighbour_rows, scores = [], [], [], [], []
+        for queries, candidates in tasks:
+            index, best = best_k(
+                vectors[queries],
+                vectors[candidates],
+                k=k,
+                query_rids=rids[queries],
+                candidate_rids=rids[candidates],
+                device=resolved,
+            )
+            valid = np.isfinite(best)
+            picked.append(queries)
+            # The k-th best of any candidate subset is a lower bound of the final k-th best.
+            taus.append(best[:, k - 1] if best.shape[1] == k else np.full(len(queries), -np.inf))
+            counts.append(valid.sum(axis=1))
+            neighbour_rows.append(candidates[index[valid]])
+            scores.append(best[valid])
+        if not picked:
+            return
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int32)
+        top_ids = pa.ListArray.from_arrays(
+            pa.array(offsets), ids.take(np.concatenate(neighbour_rows))
+        )
+        top_scores = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(np.concatenate(scores), pa.float32())
+        )
+        picked_rows = pa.array(np.concatenate(picked))
+        rows = table.select(["part", "rid", "listing_id"]).take(picked_rows)
+        rows = rows.append_column(
+            "probes", unpack_ints(table.column("probe_bytes").take(picked_rows))
+        )
+        rows = rows.append_column("vec", table.column("vec").take(picked_rows))
+        rows = rows.append_column("tau", pa.array(np.concatenate(taus), pa.float32()))
+        rows = rows.append_column("top_ids", top_ids).append_column("top_scores", top_scores)
+        yield from rows.to_batches()
+
+    return run
+
+
+def search_tasks(
+    tasks: DataFrame, *, k: int, num_partitions: int, device: str = "cpu"
+) -> DataFrame:
+    """Score task rows (``TASK_SCHEMA``): per query and task, the candidates reaching the query's
+    threshold, at most ``k``, as (listing_id, neighbour_id, score). One shuffle on the task key."""
+    return (
+        tasks.select(*TASK_COLUMNS)
+        .repartition(num_partitions, *TASK_COLUMNS[:4])
+        .mapInArrow(_search_tasks(k, device), EMITTED_SCHEMA)
+    )
+
+
+def home_tasks(tasks: DataFrame, *, k: int, num_partitions: int, device: str = "cpu") -> DataFrame:
+    """Each query row of ``tasks`` (each in exactly one task) with its best ``k`` candidates of
+    the task as ``top_ids``/``top_scores`` (best first) and ``tau``, the k-th best score (-inf
+    when fewer): ``HOME_SCHEMA``."""
+    return (
+        tasks.select(*TASK_COLUMNS)
+        .repartition(num_partitions, *TASK_COLUMNS[:4])
+        .mapInArrow(_home_tasks(k, device), HOME_SCHEMA)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Merging per-task results
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_rows(table: pa.Table, k: int) -> pa.Table:
+    """(listing_id, neighbour_id, score) rows -> the best k per listing with rank, ties broken by
+    neighbour_id, self-pairs dropped."""
+    table = table.filter(pc.not_equal(table["listing_id"], table["neighbour_id"]))
+    if table.num_rows == 0:
+        return pa.table(
+            {"listing_id": pa.array([], pa.string()), "neighbour_id": pa.array([], pa.string()),
+             "rank": pa.array([], pa.int32()), "score": pa.array([], pa.float32())}
+        )  # fmt: skip
+    table = table.sort_by(
+        [("listing_id", "ascending"), ("score", "descending"), ("neighbour_id", "ascending")]
+    )
+    ids = table["listing_id"].combine_chunks()
+    n = len(ids)
+    starts = np.ones(n, bool)
+    if n > 1:
+        starts[1:] = pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    position = np.arange(n)
+    rank = position - np.maximum.accumulate(np.where(starts, position, 0)) + 1
+    keep = rank <= k
+    return pa.table(
+        {
+            "listing_id": ids.filter(pa.array(keep)),
+            "neighbour_id": table["neighbour_id"].combine_chunks().filter(pa.array(keep)),
+            "rank": pa.array(rank[keep].astype(np.int32)),
+            "score": table["score"].combine_chunks().filter(pa.array(keep)),
+        }
+    )
+
+
+def _merge_partition(k: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        batches = [b for b in batches if b.num_rows]
+        if batches:
+            yield from _rank_rows(pa.Table.from_batches(batches), k).to_batches()
+
+    return run
+
+
+def merge_lists(lists: DataFrame, found: DataFrame, *, k: int, num_partitions: int) -> DataFrame:
+    """The best ``k`` per listing of its (listing_id, top_ids, top_scores) lists and its
+    (listing_id, neighbour_id, score) rows, ranked from 1 (ties by neighbour_id). Pairs must
+    not repeat. One shuffle by listing_id; the ranking runs in Arrow inside the partitions."""
+    flat = lists.select(
+        "listing_id", F.explode(F.arrays_zip("top_ids", "top_scores")).alias("e")
+    ).select(
+        "listing_id",
+        F.col("e.top_ids").alias("neighbour_id"),
+        F.col("e.top_scores").alias("score"),
+    )
+    rows = flat.unionByName(found.select("listing_id", "neighbour_id", "score"))
+    return rows.repartition(num_partitions, "listing_id").mapInArrow(
+        _merge_partition(k), RANKED_SCHEMA
+    )
+
+
+def merge_top_k(candidates: DataFrame, *, k: int, dedupe: bool = True) -> DataFrame:
+    """Keep the best ``k`` (listing_id, neighbour_id, score) rows per listing, ranked from 1.
+
+    ``dedupe=False`` skips a shuffle when each pair can appear only once.
+    """
+    order = Window.partitionBy("listing_id").orderBy(F.desc("score"), F.asc("neighbour_id"))
+    rows = candidates.where(F.col("listing_id") != F.col("neighbour_id"))
+    if dedupe:
+        rows = rows.dropDuplicates(["listing_id", "neighbour_id"])
+    return (
+        rows.withColumn("rank", F.row_number().over(order))
+        .where(F.col("rank") <= k)
+        .select("listing_id", "neighbour_id", F.col("rank").cast("int"), "score")
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Rows, exact search, the published shape
+# --------------------------------------------------------------------------------------------
+
+
+def part_column(partition_col: str | None) -> Column:
+    """The partition key as the ``part`` string column (nulls form their own part)."""
+    if partition_col is None:
+        return F.lit(NO_PART).alias("part")
+    return F.coalesce(F.col(partition_col).cast("string"), F.lit(NO_PART)).alias("part")
+
+
+def base_rows(embeddings: DataFrame, partition_col: str | None = None) -> DataFrame:
+    """(part, rid, listing_id, vec array<float>) from (listing_id, embedding[, partition_col])."""
+    return embeddings.select(
+        part_column(partition_col),
+        F.xxhash64("listing_id").alias("rid"),
+        "listing_id",
+        F.col("embedding").cast("array<float>").alias("vec"),
+    )
+
+
+def _pack(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        if batch.num_rows:
+            vectors = pack_matrix(unit_rows(vector_matrix(batch.column("vec"))))
+            yield batch.set_column(batch.schema.get_field_index("vec"), "vec", vectors)
+
+
+def packed_rows(embeddings: DataFrame, partition_col: str | None = None) -> DataFrame:
+    """``base_rows`` with unit vectors packed as binary (``pack_matrix``)."""
+    return base_rows(embeddings, partition_col).mapInArrow(_pack, PACKED_SCHEMA)
+
+
+def task_rows(rows: DataFrame, *, role: int | Column, list_: Column, qchunk: Column,
+              cslice: Column) -> DataFrame:  # fmt: skip
+    """Rows with (part, rid, listing_id, vec[, tau, probe_bytes]) shaped as ``TASK_SCHEMA``
+    rows."""
+    # Candidates never need a query's threshold or probes.
+    names = set(rows.columns) if isinstance(role, Column) or role != CANDIDATE else set()
+    role_col = role if isinstance(role, Column) else F.lit(role)
+    return rows.select(
+        "part",
+        list_.cast("int").alias("list"),
+        qchunk.cast("int").alias("qchunk"),
+        cslice.cast("int").alias("cslice"),
+        role_col.cast("tinyint").alias("role"),
+        "rid",
+        "listing_id",
+        "vec",
+        (F.col("tau") if "tau" in names else F.lit(None)).cast("float").alias("tau"),
+        (F.col("probe_bytes") if "probe_bytes" in names else F.lit(None))
+        .cast("binary")
+        .alias("probe_bytes"),
+    )
+
+
+def exact_top_k(
+    embeddings: DataFrame,
+    *,
+    k: int,
+    num_blocks: int,
+    partition_col: str | None = None,
+    device: str = "cpu",
+) -> DataFrame:
+    """Exact top-``k`` cosine neighbours of every row of ``embeddings`` (listing_id, embedding),
+    within the same ``partition_col`` value when given.
 
     Returns listing_id, neighbour_id, rank (1..k), score; ties broken by neighbour_id so reruns
     give identical tables.
     """
-    blocks = (
-        embeddings.select(
-            F.pmod(F.xxhash64("listing_id"), F.lit(num_blocks)).alias("block"),
-            F.struct("listing_id", "embedding").alias("cell"),
-        )
-        .groupBy("block")
-        .agg(F.collect_list("cell").alias("cells"))
+    base = packed_rows(embeddings, partition_col).withColumn(
+        "block", F.pmod(F.col("rid"), F.lit(num_blocks))
     )
-    pairs = (
-        blocks.select(F.col("block").alias("q_block"), F.col("cells").alias("queries"))
-        .crossJoin(
-            blocks.select(F.col("block").alias("c_block"), F.col("cells").alias("candidates"))
-        )
-        # One block pair per task, so the scoring spreads over every core.
-        .repartition(num_blocks * num_blocks, "q_block", "c_block")
+    every_block = base.withColumn("target", F.explode(F.sequence(F.lit(0), F.lit(num_blocks - 1))))
+    # Task (candidate block c, query block q): a listing is a query of (target, own block) and a
+    # candidate of (own block, target); on the diagonal it is both.
+    diagonal = F.col("target") == F.col("block")
+    queries = task_rows(
+        every_block.where(~diagonal), role=QUERY, list_=F.col("target"),
+        qchunk=F.col("block"), cslice=F.lit(0),
+    )  # fmt: skip
+    candidates = task_rows(
+        every_block, role=F.when(diagonal, BOTH).otherwise(CANDIDATE), list_=F.col("block"),
+        qchunk=F.col("target"), cslice=F.lit(0),
+    )  # fmt: skip
+    emitted = search_tasks(
+        queries.unionByName(candidates),
+        k=k,
+        # One block pair per partition spreads the scoring over every core; past a few
+        # thousand pairs, pairs share partitions.
+        num_partitions=min(num_blocks * num_blocks, 8192),
+        device=device,
     )
-    partial = pairs.mapInPandas(_score_block_pairs(k), _PARTIAL_SCHEMA)
-    return merge_top_k(partial, k=k)
-
-
-def merge_top_k(candidates: DataFrame, *, k: int) -> DataFrame:
-    """Keep the best ``k`` (listing_id, neighbour_id, score) rows per listing, ranked from 1."""
-    order = Window.partitionBy("listing_id").orderBy(F.desc("score"), F.asc("neighbour_id"))
-    return (
-        candidates.dropDuplicates(["listing_id", "neighbour_id"])
-        .withColumn("rank", F.row_number().over(order))
-        .where(F.col("rank") <= k)
-        .select("listing_id", "neighbour_id", F.col("rank").cast("int"), "score")
-    )
+    return merge_top_k(emitted, k=k, dedupe=False)
 
 
 def to_neighbours_table(top_k: DataFrame, *, model_version: str, run_date: dt.date) -> DataFrame:
