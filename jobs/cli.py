@@ -12,14 +12,17 @@ COMMANDS = {
     "train": ("jobs.train_embeddings", "stage 2: train the two-tower model (TorchDistributor)"),
     "embeddings": ("jobs.compute_embeddings", "stage 3: embed every active listing"),
     "neighbours": ("jobs.compute_neighbours", "stage 4: top-k neighbours -> Delta"),
+    "evaluate": ("jobs.evaluate", "stage 5: model vs baselines on the holdout -> report"),
     "run": ("jobs.pipeline", "all stages for one run date"),
     "demo": ("jobs.demo", "generate data and run everything end to end under ./demo"),
+    "similar": ("jobs.similar", "print a listing and its top neighbours from the table"),
+    "import-insideairbnb": ("jobs.import_insideairbnb", "Inside Airbnb scrapes -> our inputs"),
 }
 
 
 def usage() -> str:
     lines = ["usage: listing-similarity COMMAND [--help | options]", "", "commands:"]
-    lines += [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<19} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 

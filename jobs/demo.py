@@ -125,6 +125,7 @@ def run(spark: SparkSession, args: DemoArgs) -> dict:
     for table in ("listing_embeddings", "listing_neighbours", "runs"):
         print(f"table:   {layout.table(table)}")
     print(f"model:   {layout.model_dir(result['model_version'])}")
+    print(f"report:  {result['report']}  (model vs baselines, embedding maps; open in a browser)")
     stage_seconds = {"generate": generate_seconds, **result["stage_seconds"]}
     print("stages:  " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items()))
     counts = result["counts"]
@@ -143,6 +144,7 @@ def run(spark: SparkSession, args: DemoArgs) -> dict:
         "run_id": result["run_id"],
         "model_version": result["model_version"],
         "tables": {t: layout.table(t) for t in ("listing_embeddings", "listing_neighbours", "runs")},
+        "report": result["report"],
     }  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""All stages for one run date: shards -> train -> embeddings -> neighbours, plus a `runs` row.
+"""All stages for one run date: shards -> train -> embeddings -> neighbours -> evaluate, plus a
+`runs` row.
 
 Each stage is called exactly as spark-submit would call it (its own argument parser), so the
 pipeline and the Airflow DAG run the same code with the same flags.
@@ -14,13 +15,21 @@ import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from jobs import build_training_shards, compute_embeddings, compute_neighbours, train_embeddings
+from jobs import (
+    build_training_shards,
+    compute_embeddings,
+    compute_neighbours,
+    evaluate,
+    train_embeddings,
+)
 from lib import delta_io
 from lib.paths import Layout
-from lib.runs import RunRecord, run_row
+from lib.quality_gate import QualityGateError
+from lib.runs import RunRecord, neighbour_quality, run_row
 from lib.session import build_session
 from schemas import runs
 
@@ -35,6 +44,11 @@ class PipelineArgs:
     batch_size: int = 1024
     dim: int = 32
     seed: int = 7
+    # The shard stage's time window (its own defaults); an imported history (Inside Airbnb)
+    # needs years of lookback and a holdout of months: `import-insideairbnb` prints both.
+    lookback_days: int = 90
+    holdout_days: int = 2
+    half_life_days: float = 21.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
@@ -48,8 +62,11 @@ def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
         ("batch-size", 1024),
         ("dim", 32),
         ("seed", 7),
+        ("lookback-days", 90),
+        ("holdout-days", 2),
     ):
         p.add_argument(f"--{flag}", type=int, default=default)
+    p.add_argument("--half-life-days", type=float, default=21.0)
     return PipelineArgs(**{k: v for k, v in vars(p.parse_args(argv)).items()})
 
 
@@ -61,6 +78,9 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
     return {
         "shards": ["--interactions", layout.interactions, "--listings", layout.listings,
                    "--out", shards, "--run-date", day, "--seed", str(args.seed),
+                   "--lookback-days", str(args.lookback_days),
+                   "--holdout-days", str(args.holdout_days),
+                   "--half-life-days", str(args.half_life_days),
                    *(["--previous-shards", previous] if previous else [])],
         "train": ["--shards", shards, "--out", model_dir, "--epochs", str(args.epochs),
                   "--num-processes", str(args.num_processes), "--batch-size", str(args.batch_size),
@@ -71,6 +91,11 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
         "neighbours": ["--embeddings", layout.table("listing_embeddings"),
                        "--table", layout.table("listing_neighbours"), "--run-date", day,
                        "--k", str(args.k), "--run-id", run_id],
+        "evaluate": ["--shards", shards, "--listings", layout.listings,
+                     "--embeddings", layout.table("listing_embeddings"),
+                     "--neighbours", layout.table("listing_neighbours"), "--model", model_dir,
+                     "--run-date", day, "--out", str(Path(layout.report(args.run_date)).parent),
+                     "--k", str(args.k), "--seed", str(args.seed), "--run-id", run_id],
     }  # fmt: skip
 
 
@@ -79,6 +104,7 @@ STAGES = {
     "train": train_embeddings,
     "embeddings": compute_embeddings,
     "neighbours": compute_neighbours,
+    "evaluate": evaluate,
 }
 
 
@@ -94,16 +120,21 @@ def run(spark: SparkSession, args: PipelineArgs) -> dict:
         parameters={k: str(v) for k, v in asdict(args).items()},
     )
     results: dict[str, dict] = {}
+    refused_search: dict = {}
     try:
         for name, argv in stage_argv(args, layout, run_id, model_version).items():
             started = time.perf_counter()
             print(f"[pipeline] stage {name} started", flush=True)
             module = STAGES[name]
+            if name == "evaluate":  # the report shows the timings of the stages before it
+                argv = [*argv, "--stage-seconds", json.dumps(record.stage_seconds)]
             results[name] = module.run(spark, module.parse_args(argv))
             record.stage_seconds[name] = round(time.perf_counter() - started, 2)
             print(f"[pipeline] stage {name} done in {record.stage_seconds[name]:.1f}s", flush=True)
         record.status = "succeeded"
     except Exception as error:
+        if isinstance(error, QualityGateError):
+            refused_search = error.metrics
         record.status = "failed"
         record.error = "".join(traceback.format_exception_only(error)).strip()
         raise
@@ -115,6 +146,11 @@ def run(spark: SparkSession, args: PipelineArgs) -> dict:
         record.metrics = {
             k: v for k, v in results.get("train", {}).items() if isinstance(v, int | float)
         }
+        # Recall and coverage also when the quality gate refused to publish: that is the day
+        # someone will look for them.
+        record.metrics.update(neighbour_quality(results.get("neighbours") or refused_search))
+        # Held-out hit-rates etc. of the model and every baseline, as "<method>.<metric>".
+        record.metrics.update(results.get("evaluate", {}).get("metrics", {}))
         record.finished_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         delta_io.write_table(run_row(spark, record), layout.table("runs"), runs.SPEC)
     return {
@@ -124,6 +160,7 @@ def run(spark: SparkSession, args: PipelineArgs) -> dict:
         "status": record.status,
         "counts": record.counts,
         "stage_seconds": record.stage_seconds,
+        "report": results.get("evaluate", {}).get("report"),
         "stages": results,
     }
 

@@ -44,3 +44,16 @@ def run_row(spark: SparkSession, record: RunRecord) -> DataFrame:
         record.error,
     )
     return spark.createDataFrame([row], runs.SCHEMA)
+
+
+NEIGHBOUR_QUALITY = ("recall_at_k", "coverage", "distinct_neighbour_share")
+
+
+def neighbour_quality(measured: dict) -> dict[str, float]:
+    """The neighbour search's measured quality as ``runs.metrics`` entries
+    (``neighbours.recall_at_k`` ...), from the stage's result or its commit metadata."""
+    return {
+        f"neighbours.{name}": float(measured[name])
+        for name in NEIGHBOUR_QUALITY
+        if measured.get(name) is not None
+    }

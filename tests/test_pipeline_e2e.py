@@ -85,7 +85,13 @@ def test_runs_table_records_the_run(spark, finished_run):
     assert [r.run_id for r in recorded] == [result["run_id"]]
     row = recorded[0]
     assert row.status == "succeeded"
-    assert set(row.stage_seconds) == {"shards", "train", "embeddings", "neighbours"}
+    assert set(row.stage_seconds) == {"shards", "train", "embeddings", "neighbours", "evaluate"}
+    # The neighbour search's measured quality, as committed, and the evaluation's numbers.
+    commit_metadata = delta_io.history(Layout(root).table("listing_neighbours"))[0]["metadata"]
+    assert row.metrics["neighbours.recall_at_k"] == pytest.approx(commit_metadata["recall_at_k"])
+    assert row.metrics["neighbours.recall_at_k"] >= 0.9
+    assert row.metrics["neighbours.coverage"] == pytest.approx(1.0)
+    assert 0.0 <= row.metrics["model.hit_rate_at_10"] <= 1.0
     assert row.counts["training_examples"] > 0
     assert row.counts["dropped_duplicate"] > 0  # the generator injects duplicate events
     commit = delta_io.history(Layout(root).table("listing_neighbours"))[0]
