@@ -1,0 +1,1 @@
+"""Cluster packaging, the spark-submit wrapper, the standalone-cluster test, the Airflow DAG."""
