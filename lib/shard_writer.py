@@ -109,10 +109,15 @@ def write_shards(
             half_life_days=params.half_life_days,
         ).persist()
         examples = shards.assemble_training_examples(
-            weighted, user_vocab, encoded, broadcast_features=broadcast
+            weighted,
+            user_vocab,
+            encoded,
+            broadcast_features=broadcast,
+            num_files=params.num_files,
+            seed=params.seed,
         )
         write_parquet(
-            shards.shuffle_into_files(examples, num_files=params.num_files, seed=params.seed),
+            examples,
             out / "train",
             training_examples.SPEC,
             row_group_bytes=8 << 20,

@@ -25,7 +25,10 @@ DROP_REASONS = (
     "unknown_listing",
     "bot_user",
 )
-EVENT_KEY = ("user_id", "listing_id", "event_type", "event_ts", "event_date")
+# user_id and event_date lead: min(session_id) makes the deduplication a sort aggregate, and
+# sorted by this key its output already has the (user_id, event_date) order the bot windows
+# need, so the 10M events are sorted once instead of twice.
+EVENT_KEY = ("user_id", "event_date", "listing_id", "event_type", "event_ts")
 
 
 def _end_of_day(run_date: dt.date) -> F.Column:
@@ -54,14 +57,12 @@ def tag_drop_reasons(
     """
     window_start = run_date - dt.timedelta(days=lookback_days - 1)
     in_window = (F.col("event_date") >= F.lit(window_start)) & (F.col("event_date") <= run_date)
+    # Only the columns later steps read cross the shuffle (``source`` is not one of them).
     distinct_events = (
-        events.repartition("user_id")
+        events.select(*EVENT_KEY, "session_id")
+        .repartition("user_id")
         .groupBy(*EVENT_KEY)
-        .agg(
-            F.count(F.lit(1)).alias("copies"),
-            F.min("session_id").alias("session_id"),
-            F.min("source").alias("source"),
-        )
+        .agg(F.count(F.lit(1)).alias("copies"), F.min("session_id").alias("session_id"))
     )
     # Window functions partitioned by user reuse the events' user partitioning: one sort,
     # no second scan or shuffle (a join with a per-day aggregate re-reads the events).
@@ -167,13 +168,16 @@ def assemble_training_examples(
     listing_features: DataFrame,
     *,
     broadcast_features: bool = True,
+    num_files: int | None = None,
+    seed: int = 0,
 ) -> DataFrame:
     """Join weighted (user_id, listing_id) pairs with ids, log-Q and listing features.
 
-    Returns rows in the ``training_examples`` contract. Pairs whose listing has no features row
-    cannot occur after cleaning (unknown listings are dropped), so the inner join loses nothing.
-    ``broadcast_features`` keeps the pairs where they are (partitioned by user) instead of
-    shuffling them by listing; turn it off for catalogues too big to broadcast.
+    Returns rows in the ``training_examples`` contract, spread over ``num_files`` partitions in
+    random order (``shuffle_into_files``) when it is given. Pairs whose listing has no features
+    row cannot occur after cleaning (unknown listings are dropped), so the inner join loses
+    nothing. ``broadcast_features`` keeps the pairs where they are (partitioned by user) instead
+    of shuffling them by listing; turn it off for catalogues too big to broadcast.
     """
     users = user_vocabulary.select(F.col("id").alias("user_id"), F.col("idx").alias("user_idx"))
     feature_columns = [
@@ -184,9 +188,22 @@ def assemble_training_examples(
     features = listing_features.select("listing_id", "listing_idx", *feature_columns).join(
         listing_log_q(weighted), "listing_id"
     )
-    examples = weighted.join(users, "user_id").join(
-        F.broadcast(features) if broadcast_features else features, "listing_id"
-    )
+    pairs = weighted.join(users, "user_id")
+    if broadcast_features and num_files:
+        # Shuffle the narrow (user, listing, weight) pairs into their files first and attach the
+        # wide feature rows afterwards with a map-side join: the shuffle moves three columns
+        # instead of twenty. The in-file order is drawn after the join, because Spark drops a
+        # sort that sits below a join.
+        spread = pairs.repartition(num_files, F.rand(seed)).join(
+            F.broadcast(features), "listing_id"
+        )
+        examples = spread.sortWithinPartitions(F.rand(seed + 1))
+    else:
+        examples = pairs.join(
+            F.broadcast(features) if broadcast_features else features, "listing_id"
+        )
+        if num_files:
+            examples = shuffle_into_files(examples, num_files=num_files, seed=seed)
     return examples.select(*training_examples.SCHEMA.fieldNames())
 
 

@@ -232,6 +232,28 @@ def test_assemble_training_examples_and_cold_flags(spark, snapshot):
     assert marked == {"L1": True, "L2": True, "L3": False, "L4": False}
 
 
+@pytest.mark.parametrize("broadcast_features", [True, False])
+def test_assembled_examples_spread_over_files_are_the_same_rows(
+    spark, snapshot, broadcast_features
+):
+    encoding = features.fit_feature_encoding(snapshot, run_date=RUN_DATE)
+    listing_vocab = shards.extend_vocabulary(snapshot.select(F.col("listing_id").alias("id")))
+    encoded = features.encode_listing_features(snapshot, listing_vocab, encoding)
+    weighted = spark.createDataFrame(
+        [(f"u{i}", f"L{1 + i % 4}", float(i)) for i in range(1, 41)],
+        "user_id string, listing_id string, weight float",
+    )
+    user_vocab = shards.extend_vocabulary(weighted.select(F.col("user_id").alias("id")))
+    plain = shards.assemble_training_examples(weighted, user_vocab, encoded)
+    spread = shards.assemble_training_examples(
+        weighted, user_vocab, encoded, broadcast_features=broadcast_features, num_files=3, seed=5
+    )
+    assert spread.rdd.getNumPartitions() == 3
+    assert spread.columns == plain.columns
+    assert sorted(spread.collect()) == sorted(plain.collect())
+    assert len(plain.collect()) == 40
+
+
 def test_shuffle_into_files_keeps_every_row(spark):
     df = spark.range(1000).withColumnRenamed("id", "x")
     shuffled = shards.shuffle_into_files(df, num_files=4, seed=1)
