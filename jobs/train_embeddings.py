@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pyspark.sql import SparkSession
 
 from lib.session import build_session
-from lib.training import TrainParams, run_distributed
+from lib.training import TrainParams, run_with_restarts
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class TrainArgs:
     shuffle_buffer: int = 50_000
     log_every: int = 50
     seed: int = 7
+    max_restarts: int = 3
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
@@ -59,6 +60,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
     p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=d.max_restarts,
+        help="restarts from the last checkpoint after a rank dies, without new progress",
+    )
     return TrainArgs(**vars(p.parse_args(argv)))
 
 
@@ -69,7 +76,13 @@ def run(spark: SparkSession | None, args: TrainArgs) -> dict:
     params = TrainParams(
         shards_dir=args.shards, out_dir=args.out, **{k: getattr(args, k) for k in same_named}
     )
-    return run_distributed(params, args.num_processes, args.local_mode, args.use_gpu)
+    return run_with_restarts(
+        params,
+        args.num_processes,
+        local_mode=args.local_mode,
+        use_gpu=args.use_gpu,
+        max_restarts=args.max_restarts,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,10 +12,12 @@ from lib import training
 from lib.schema_check import arrow_schema
 from lib.training import (
     TrainParams,
+    checkpoint_path,
     latest_checkpoint,
     load_artifact,
     read_manifest,
     run_distributed,
+    run_with_restarts,
     train_worker,
 )
 from schemas.training_examples import (
@@ -284,9 +286,7 @@ def test_bad_manifest_is_refused(shards, tmp_path, single_rank):
 @pytest.mark.slow
 def test_run_distributed_two_processes(spark, shards, tmp_path):
     out = tmp_path / "ddp"
-    metrics = run_distributed(
-        params(shards, out, epochs=2), num_processes=2, local_mode=True, use_gpu=False
-    )
+    metrics = run_with_restarts(params(shards, out, epochs=2), 2, local_mode=True)
     assert metrics["world_size"] == 2
     assert len(metrics["loss_per_epoch"]) == 2
     # Each rank reads half the files; together they cover every row once.
@@ -295,6 +295,38 @@ def test_run_distributed_two_processes(spark, shards, tmp_path):
     assert meta["metrics"] == metrics
     assert model.config.to_dict() == meta["config"]
     assert (out / "checkpoints" / "epoch-002.pt").exists()
+
+
+def test_dead_rank_restarts_while_checkpoints_advance_then_gives_up(tmp_path, monkeypatch):
+    calls = []
+
+    def flaky(p, num_processes, local_mode=True, use_gpu=False):
+        calls.append(num_processes)
+        if len(calls) in (1, 3):  # a rank dies after writing a new checkpoint
+            checkpoint_path(p.out_dir, len(calls)).parent.mkdir(parents=True, exist_ok=True)
+            checkpoint_path(p.out_dir, len(calls)).write_bytes(b"x")
+            raise RuntimeError("TorchDistributor failed during training.")
+        if len(calls) == 5:
+            return {"done": True}
+        raise RuntimeError("TorchDistributor failed during training.")
+
+    monkeypatch.setattr(training, "run_distributed", flaky)
+    p = TrainParams(shards_dir="unused", out_dir=str(tmp_path))
+    # Failures 1 and 3 wrote new checkpoints; so at most 2 failures in a row lack progress.
+    assert run_with_restarts(p, 2, max_restarts=2) == {"done": True}
+    assert calls == [2] * 5
+
+    calls.clear()
+    monkeypatch.setattr(
+        training, "run_distributed", lambda *a, **k: calls.append(1) or flaky_fail()
+    )
+    with pytest.raises(RuntimeError, match="rank died"):
+        run_with_restarts(p, 2, max_restarts=2)
+    assert len(calls) == 3  # the first try and two restarts without progress
+
+
+def flaky_fail():
+    raise RuntimeError("rank died")
 
 
 def test_gpu_in_local_mode_needs_gpus_declared_to_the_driver(spark, shards, tmp_path):
