@@ -472,9 +472,12 @@ def _search(
         queries.unionByName(candidates),
         k=k, num_partitions=partitions_for(search_rows, parallelism), device=device,
     )  # fmt: skip
+    # The merge holds whole partitions of list elements: k per listing from its home list and
+    # typically a few k more from the lists it probes.
     top_k = neighbours.merge_lists(
-        home, found, k=k, num_partitions=partitions_for(total * k, parallelism)
-    )
+        home.select("listing_id", "top_ids", "top_scores").unionByName(found),
+        k=k, num_partitions=partitions_for(total * k, parallelism),
+    )  # fmt: skip
     return top_k, home
 
 

@@ -247,19 +247,17 @@ def test_measured_recall_exposes_a_bad_result_and_coverage_counts_short_lists(sp
     }
 
 
-def test_merge_lists_combines_home_lists_and_found_rows(spark):
+def test_merge_lists_ranks_across_rows_of_the_same_listing(spark):
     lists = spark.createDataFrame(
-        [("a", ["b", "c"], [0.9, 0.5]), ("b", ["a"], [0.9])],
+        [("a", ["b", "c"], [0.9, 0.5]), ("b", ["a"], [0.9]),  # home lists
+         ("a", ["d", "e"], [0.7, 0.5]), ("b", ["c", "b"], [0.95, 1.0]),  # found in other lists
+         ("a", ["f"], [0.1])],
         "listing_id string, top_ids array<string>, top_scores array<float>",
-    )
-    found = spark.createDataFrame(
-        [("a", "d", 0.7), ("a", "e", 0.5), ("b", "c", 0.95)],
-        "listing_id string, neighbour_id string, score float",
-    )
+    )  # fmt: skip
 
-    got = neighbours.merge_lists(lists, found, k=3, num_partitions=2).collect()
+    got = neighbours.merge_lists(lists, k=3, num_partitions=2).collect()
 
-    assert sorted((r.listing_id, r["rank"], r.neighbour_id) for r in got) == [
-        ("a", 1, "b"), ("a", 2, "d"), ("a", 3, "c"),  # c and e tie at 0.5: c first
-        ("b", 1, "c"), ("b", 2, "a"),
+    assert sorted((r.listing_id, r["rank"], r.neighbour_id, round(r.score, 2)) for r in got) == [
+        ("a", 1, "b", 0.9), ("a", 2, "d", 0.7), ("a", 3, "c", 0.5),  # c and e tie: c first
+        ("b", 1, "c", 0.95), ("b", 2, "a", 0.9),  # never itself
     ]  # fmt: skip
