@@ -9,12 +9,14 @@
    so no task dominates a stage however skewed the lists are.
 4. **Home pass**: each listing is scored against its own list (one task per list when it is
    small enough: the listing travels once as both query and candidate) and keeps its best k
-   there; the k-th of those, ``tau``, is a lower bound of its final k-th score.
-5. **Search pass**: each listing is routed to its other ``nprobe - 1`` lists and scored against
-   their members; a task emits only candidates reaching the query's ``tau``, so only a few rows
-   per (listing, list) leave it.
-6. **Merge**: one shuffle by listing; the home lists and the search pass's rows are ranked in
-   Arrow inside the partitions.
+   there; the k-th of those, ``tau``, is a lower bound of its final k-th score. The same Python
+   worker then routes the listing to the search pass (``_Router``): as a query of its other
+   ``nprobe - 1`` lists, as a candidate of its own. Those rows travel packed, one Arrow IPC
+   payload per task key, so Spark shuffles thousands of values instead of millions of rows.
+5. **Search pass**: a task scores its routed queries against its candidates and emits only
+   candidates reaching the query's ``tau``, so only a few per (listing, list) leave it.
+6. **Merge**: the home lists (passed through the search stage) and the search pass's lists,
+   packed per merge partition, are ranked in Arrow inside the partitions.
 
 The result is exactly what an IVF-Flat index with the same centroids and ``nprobe`` returns; the
 scoring is the blockwise one of ``lib.neighbours``. ``measure_recall`` compares it
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import Broadcast, StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -38,6 +41,7 @@ from lib.neighbours import (
     BOTH,
     CANDIDATE,
     NO_PART,
+    PASS,
     QUERY,
     base_rows,
     partitions_for,
@@ -59,7 +63,8 @@ class IvfParams:
     nlist: int | None = None
     nprobe: int = 16
     sample_size: int | None = None
-    iterations: int = 20
+    # faiss trains IVF quantizers with 10 iterations too.
+    iterations: int = 10
     seed: int = 7
     # Upper bound on query x candidate scores per task (~0.1 s of CPU) ...
     task_work: int = 1 << 25
@@ -84,7 +89,7 @@ def default_sample_size(nlist: int) -> int:
 
 
 def train_centroids(
-    sample: np.ndarray, nlist: int, *, iterations: int = 20, seed: int = 7
+    sample: np.ndarray, nlist: int, *, iterations: int = 10, seed: int = 7
 ) -> np.ndarray:
     """Spherical k-means: ``nlist`` unit centroids of the unit-scaled ``sample`` rows.
 
@@ -404,29 +409,160 @@ def ivf_top_k(
     plans = plan_lists(
         _list_counts(assigned), task_work=params.task_work, max_candidates=params.max_candidates
     )
-    top_k, home = _search(assigned, plans, params=params, parallelism=sc.defaultParallelism)
-    cached = [assigned, home, centroids_bc] + ([allowed] if allowed is not None else [])
+    plan_bc = sc.broadcast(plan_arrays(plans))
+    top_k = _search(assigned, plans, plan_bc, params=params, parallelism=sc.defaultParallelism)
+    cached = [assigned, centroids_bc, plan_bc] + ([allowed] if allowed is not None else [])
     info = {"nlist": nlist, "nprobe": nprobe, "kmeans_sample": len(sample),
             **{f"plan_{k}": v for k, v in plan_summary(plans).items()}}  # fmt: skip
     return SearchResult(top_k, "ivf", info, cached)
 
 
+def plan_arrays(plans: Sequence[ListPlan]) -> dict[str, dict[str, np.ndarray]]:
+    """Per part, the plan as arrays indexed by list: ``slices``, ``chunks`` (search chunks) and
+    ``searching`` (queries the search pass routes to the list); lists without a plan get 1, 1
+    and 0."""
+    size = 1 + max((p.list for p in plans), default=0)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for p in plans:
+        arrays = out.setdefault(
+            p.part,
+            {"slices": np.ones(size, np.int64), "chunks": np.ones(size, np.int64),
+             "searching": np.zeros(size, np.int64)},
+        )  # fmt: skip
+        arrays["slices"][p.list] = p.slices
+        arrays["chunks"][p.list] = p.search_chunks
+        arrays["searching"][p.list] = p.search_queries
+    return out
+
+
+def _ragged_range(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenated ``range(start, start + count)`` for every (start, count)."""
+    total = int(counts.sum())
+    first = np.cumsum(counts) - counts
+    return np.repeat(starts - first, counts) + np.arange(total)
+
+
+def _empty_binary(n: int) -> pa.Array:
+    return pa.Array.from_buffers(
+        pa.binary(), n, [None, pa.py_buffer(np.zeros(n + 1, np.int32)), pa.py_buffer(b"")]
+    )
+
+
+def _packed_rows(keys: list[tuple[int, str, int, int, int]], payloads: pa.Array):
+    """TASK_SCHEMA rows that only carry a key (role, part, list, qchunk, cslice) and a payload."""
+    n = len(payloads)
+    role, part, list_, qchunk, cslice = (list(column) for column in zip(*keys, strict=True))
+    return pa.RecordBatch.from_arrays(
+        [pa.array(part, pa.string()), pa.array(list_, pa.int32()), pa.array(qchunk, pa.int32()),
+         pa.array(cslice, pa.int32()), pa.array(role, pa.int8()), pa.array(np.zeros(n, np.int64)),
+         pa.array([""] * n, pa.string()), _empty_binary(n),
+         pa.array(np.full(n, np.nan, np.float32)), _empty_binary(n),
+         payloads],
+        schema=neighbours.TASK_ARROW_SCHEMA.append(pa.field("payload", pa.binary())),
+    )  # fmt: skip
+
+
+class _Router:
+    """``route`` for ``neighbours.home_tasks``: turns home-pass results into the search pass's
+    task rows, packed one payload per task key, so the few million (query, probed list) rows
+    cross the shuffle as a few thousand values.
+
+    A listing becomes a query of every list it probes besides its own (and of its own list's
+    other slices when that list is sliced), in every candidate slice there; it becomes a
+    candidate of its own list's search chunks. Its home best k pass through the search stage
+    to the merge unchanged.
+    """
+
+    def __init__(self, plan: Broadcast):
+        self.plan = plan
+
+    def __call__(self, home: pa.Table) -> Iterator[pa.RecordBatch]:
+        first_rid = int(home.column("rid")[0].as_py())
+        lists = home.select(["rid", "listing_id", "top_ids", "top_scores"])
+        yield _packed_rows([(PASS, NO_PART, -1, first_rid % (1 << 31), 0)],
+                           neighbours.pack_tables([lists]))  # fmt: skip
+        parts = home.column("part").to_numpy(zero_copy_only=False)
+        for part in sorted(set(parts)):
+            rows = home.take(pa.array(np.flatnonzero(parts == part)))
+            yield from self._route_part(part, rows, self.plan.value[part])
+
+    @staticmethod
+    def _route_part(part: str, home: pa.Table, plan: dict) -> Iterator[pa.RecordBatch]:
+        slices, chunks, searching = plan["slices"], plan["chunks"], plan["searching"]
+        own = home.column("list").to_numpy()
+        rid = home.column("rid").to_numpy()
+        probes = home.column("probes").combine_chunks()
+        lengths = pc.list_value_length(probes).to_numpy(zero_copy_only=False)
+        dest = probes.flatten().to_numpy().astype(np.int64)
+        owner = np.repeat(np.arange(len(own)), lengths)
+        first = np.cumsum(lengths) - lengths
+        is_home = np.arange(len(dest)) == np.repeat(first, lengths)
+        # Every slice of a probed list; only the other slices of the own list.
+        start = is_home.astype(np.int64)
+        count = np.maximum(slices[dest] - start, 0)
+        q_owner, q_list = np.repeat(owner, count), np.repeat(dest, count)
+        q_slice = _ragged_range(start, count)
+        q_chunk = rid[q_owner] % chunks[q_list]
+        # Candidates: one copy per search chunk of the own list, in the listing's slice.
+        c_count = np.where(searching[own] > 0, chunks[own], 0)
+        c_owner = np.repeat(np.arange(len(own)), c_count)
+        c_chunk = _ragged_range(np.zeros(len(own), np.int64), c_count)
+        c_slice = (rid[c_owner] >> 32) % slices[own[c_owner]]
+
+        who = np.concatenate([q_owner, c_owner])
+        keys = np.stack([np.concatenate([q_list, own[c_owner]]),
+                         np.concatenate([q_chunk, c_chunk]),
+                         np.concatenate([q_slice, c_slice])])  # fmt: skip
+        if len(who) == 0:
+            return
+        order = np.lexsort(keys[::-1])
+        who, keys = who[order], keys[:, order]
+        role = np.concatenate([np.full(len(q_owner), QUERY, np.int8),
+                               np.full(len(c_owner), CANDIDATE, np.int8)])[order]  # fmt: skip
+        picked = pa.array(who)
+        routed = pa.table(
+            [pa.array(np.full(len(who), part, object), pa.string()),
+             pa.array(keys[0], pa.int32()), pa.array(keys[1], pa.int32()),
+             pa.array(keys[2], pa.int32()), pa.array(role, pa.int8()),
+             pa.array(rid[who]), home.column("listing_id").take(picked),
+             home.column("vec").take(picked), home.column("tau").take(picked),
+             _empty_binary(len(who))],
+            schema=neighbours.TASK_ARROW_SCHEMA,
+        ).combine_chunks()  # fmt: skip
+        # One chunk: a slice then packs as one record batch, not one per input batch it spans.
+        bounds = np.flatnonzero(np.any(keys[:, 1:] != keys[:, :-1], axis=0)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(who)]])
+        packed = neighbours.pack_tables(
+            routed.slice(a, b - a) for a, b in zip(starts, ends, strict=True)
+        )
+        task_keys = [
+            (QUERY, part, int(keys[0, a]), int(keys[1, a]), int(keys[2, a])) for a in starts
+        ]
+        yield _packed_rows(task_keys, packed)
+
+
 def _search(
-    assigned: DataFrame, plans: Sequence[ListPlan], *, params: IvfParams, parallelism: int
-) -> tuple[DataFrame, DataFrame]:
-    """(ranked top k, the home pass output to cache)."""
+    assigned: DataFrame,
+    plans: Sequence[ListPlan],
+    plan: Broadcast,
+    *,
+    params: IvfParams,
+    parallelism: int,
+) -> DataFrame:
+    """Home pass, search pass and merge: the ranked top k (lazy)."""
     spark = assigned.sparkSession
     plan_df = F.broadcast(
         spark.createDataFrame(
-            [(p.part, p.list, p.search_queries, p.slices, p.home_chunks, p.search_chunks)
-             for p in plans],
-            "part string, list int, searching long, slices int, h_chunks int, s_chunks int",
+            [(p.part, p.list, p.slices, p.home_chunks) for p in plans],
+            "part string, list int, slices int, h_chunks int",
         )
-    )  # fmt: skip
+    )
     k, device = params.k, params.device
-    # A second, independent hash picks candidate slices so they do not follow query chunks.
+    # The high bits pick a listing's candidate slice, so slices do not follow query chunks
+    # (rid modulo the chunks); ``_Router`` computes the same.
     members = assigned.join(plan_df, ["part", "list"]).withColumn(
-        "slice", F.pmod(F.xxhash64("rid"), F.col("slices"))
+        "slice", F.pmod(F.shiftright("rid", 32), F.col("slices"))
     )
 
     # Home pass: every listing against slice 0 of its own list -> its best k there and tau.
@@ -442,43 +578,23 @@ def _search(
             role=CANDIDATE, list_=F.col("list"), qchunk=F.col("c"), cslice=F.lit(0)))
     )  # fmt: skip
     total = sum(p.members for p in plans)
-    home = neighbours.home_tasks(
-        home_rows, k=k, num_partitions=partitions_for(total, parallelism), device=device
-    ).persist(StorageLevel.MEMORY_AND_DISK)
-
-    # Search pass: every listing against the other lists it probes (and the rest of its own list
-    # when that is sliced); only candidates reaching its tau leave a task.
-    routed = (
-        home.select("part", "rid", "listing_id", "vec", "tau",
-                    F.posexplode("probes").alias("pos", "list"))
-        .join(plan_df, ["part", "list"])
-        .where((F.col("pos") > 0) | (F.col("slices") > 1))
-        .withColumn("s", F.explode(F.sequence(F.when(F.col("pos") == 0, 1).otherwise(0),
-                                              F.col("slices") - 1)))
-    )  # fmt: skip
-    queries = task_rows(
-        routed, role=QUERY, list_=F.col("list"), qchunk=F.pmod("rid", F.col("s_chunks")),
-        cslice=F.col("s"),
-    )  # fmt: skip
-    candidates = task_rows(
-        members.where(F.col("searching") > 0).withColumn(
-            "c", F.explode(F.sequence(F.lit(0), F.col("s_chunks") - 1))
-        ),
-        role=CANDIDATE, list_=F.col("list"), qchunk=F.col("c"), cslice=F.col("slice"),
+    # ... whose results become the search pass's task rows (``_Router``): every listing against
+    # the other lists it probes (and the rest of its own list when that is sliced); only
+    # candidates reaching its tau leave a task.
+    routed = neighbours.home_tasks(
+        home_rows, k=k, num_partitions=partitions_for(total, parallelism), route=_Router(plan),
+        device=device,
     )  # fmt: skip
     search_rows = sum(p.search_queries * p.slices + p.members * p.search_chunks
                       for p in plans if p.search_queries)  # fmt: skip
-    found = neighbours.search_tasks(
-        queries.unionByName(candidates),
-        k=k, num_partitions=partitions_for(search_rows, parallelism), device=device,
-    )  # fmt: skip
     # The merge holds whole partitions of list elements: k per listing from its home list and
     # typically a few k more from the lists it probes.
-    top_k = neighbours.merge_lists(
-        home.select("listing_id", "top_ids", "top_scores").unionByName(found),
-        k=k, num_partitions=partitions_for(total * k, parallelism),
+    merge_partitions = partitions_for(total * k, parallelism)
+    found = neighbours.search_tasks(
+        routed, k=k, num_partitions=partitions_for(search_rows, parallelism),
+        merge_partitions=merge_partitions, device=device,
     )  # fmt: skip
-    return top_k, home
+    return neighbours.merge_lists(found, k=k, num_partitions=merge_partitions)
 
 
 # --------------------------------------------------------------------------------------------

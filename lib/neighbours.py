@@ -20,7 +20,7 @@ tasks.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -33,12 +33,15 @@ from schemas import listing_neighbours
 
 # No partition key: every listing is in the same (empty-named) part.
 NO_PART = ""
-# Task row roles. A listing that is both query and candidate of a task travels once.
-CANDIDATE, QUERY, BOTH = 0, 1, 2
+# Task row roles. A listing that is both query and candidate of a task travels once. PASS rows
+# carry candidate lists (``LISTS_ARROW_SCHEMA``, packed) through a search stage to the merge.
+CANDIDATE, QUERY, BOTH, PASS = 0, 1, 2, 3
 # Every cosine is >= -1; a threshold below that keeps every real candidate but never a masked one.
 _KEEP_ALL = -2.0
-# Score blocks are at most this many floats (128 MB), however large a task's candidate set.
-_SCORE_BLOCK = 1 << 25
+# Score blocks are at most this many floats (4 MB): large enough for fast matrix products,
+# small enough that the allocator reuses the block instead of faulting in fresh pages (a 128 MB
+# block made the search pass ~1.4x slower).
+_SCORE_BLOCK = 1 << 20
 # Rows per Spark partition where a stage collects whole partitions in a Python worker.
 ROWS_PER_PARTITION = 200_000
 
@@ -53,19 +56,29 @@ TASK_COLUMNS = (
     "vec",  # packed unit vector
     "tau",  # queries only: emit candidates scoring at least this (null: no threshold)
     "probe_bytes",  # IVF home pass only: the lists this query searches, packed int32
+    "payload",  # empty, or many rows of this task packed as one Arrow IPC stream (``pack_tables``)
 )
 # Only flat columns: Spark's Arrow writer is very slow on null arrays (every candidate row).
 TASK_SCHEMA = (
     "part string, list int, qchunk int, cslice int, role tinyint, rid long, "
-    "listing_id string, vec binary, tau float, probe_bytes binary"
+    "listing_id string, vec binary, tau float, probe_bytes binary, payload binary"
 )
+# The Arrow types of those columns (payload aside), as packed rows must have them.
+TASK_ARROW_SCHEMA = pa.schema(
+    [("part", pa.string()), ("list", pa.int32()), ("qchunk", pa.int32()),
+     ("cslice", pa.int32()), ("role", pa.int8()), ("rid", pa.int64()),
+     ("listing_id", pa.string()), ("vec", pa.binary()), ("tau", pa.float32()),
+     ("probe_bytes", pa.binary())]
+)  # fmt: skip
 EMITTED_SCHEMA = "listing_id string, neighbour_id string, score float"
-# Per listing, some candidates: what the tasks emit and the merge ranks.
-LISTS_SCHEMA = "listing_id string, top_ids array<string>, top_scores array<float>"
-HOME_SCHEMA = (
-    "part string, rid long, listing_id string, probes array<int>, vec binary, tau float, "
-    "top_ids array<string>, top_scores array<float>"
-)
+# Per listing (rid: its row id), some candidates: what the tasks emit and the merge ranks. They
+# travel packed (``pack_tables``), one value per (search partition, merge partition): ``bucket``
+# is the merge partition, rid modulo the merge's partition count.
+LISTS_ARROW_SCHEMA = pa.schema(
+    [("rid", pa.int64()), ("listing_id", pa.string()), ("top_ids", pa.list_(pa.string())),
+     ("top_scores", pa.list_(pa.float32()))]
+)  # fmt: skip
+PACKED_LISTS_SCHEMA = "bucket int, payload binary"
 RANKED_SCHEMA = "listing_id string, neighbour_id string, rank int, score float"
 PACKED_SCHEMA = "part string, rid long, listing_id string, vec binary"
 
@@ -142,6 +155,36 @@ def unpack_ints(column: pa.ChunkedArray | pa.Array) -> pa.ListArray:
     ]
     data = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].view(np.int32)
     return pa.ListArray.from_arrays(pa.array((offsets - offsets[0]) // 4), pa.array(data))
+
+
+def pack_tables(tables: Iterable[pa.Table]) -> pa.BinaryArray:
+    """Each table as one Arrow IPC stream, one binary value per table: many rows cross a shuffle
+    as one value, which Spark moves for the cost of a copy instead of per-row
+    (de)serialisation. The streams are written once, straight into the array's buffer."""
+    tables = list(tables)
+    # Sized up front: a growing stream re-copies its buffer, which cost more than the writing.
+    # A stream adds its schema, the batch metadata and padding: ~1.2 kB for task rows.
+    capacity = sum(table.nbytes for table in tables) + 8192 * len(tables) + 65536
+    if capacity >= 1 << 31:
+        raise ValueError("packed tables exceed 2 GiB in one batch; pack fewer rows at a time")
+    buffer = pa.allocate_buffer(capacity)
+    sink = pa.FixedSizeBufferWriter(buffer)
+    offsets = [0]
+    for table in tables:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        offsets.append(sink.tell())
+    return pa.Array.from_buffers(
+        pa.binary(),
+        len(tables),
+        [None, pa.py_buffer(np.asarray(offsets, np.int32)), buffer.slice(0, offsets[-1])],
+    )
+
+
+def unpack_tables(packed: pa.Array | pa.ChunkedArray) -> list[pa.Table]:
+    """The inverse of ``pack_tables`` (without copying the payloads)."""
+    chunks = packed.chunks if isinstance(packed, pa.ChunkedArray) else [packed]
+    return [pa.ipc.open_stream(value.as_buffer()).read_all() for chunk in chunks for value in chunk]
 
 
 def pack_matrix(vectors: np.ndarray) -> pa.BinaryArray:
@@ -284,28 +327,58 @@ def _prepare_worker(device: str) -> str:
 
 
 def _load_partition(batches: Iterator[pa.RecordBatch]):
-    """The partition's task rows as one table, unit vectors, row ids and per-task
-    (query rows, candidate rows) index pairs; None for an empty partition."""
+    """The partition's task rows (packed ones unpacked) as one table, unit vectors, row ids,
+    per-task (query rows, candidate rows) index pairs and the PASS tables; None for an empty
+    partition."""
     batches = [b for b in batches if b.num_rows]
     if not batches:
         return None
     table = pa.Table.from_batches(batches)
+    packed = pc.greater(pc.binary_length(table.column("payload")), 0)
+    passed = []
+    if pc.any(packed).as_py():
+        unpacked = [table.filter(pc.invert(packed)).drop_columns(["payload"])]
+        payloads = table.filter(packed)
+        roles = payloads.column("role").to_pylist()
+        for role, rows in zip(roles, unpack_tables(payloads.column("payload")), strict=True):
+            (passed if role == PASS else unpacked).append(rows)
+        table = pa.concat_tables(unpacked)
+    else:
+        table = table.drop_columns(["payload"])
+    if table.num_rows == 0:
+        return table, np.empty((0, 0), np.float32), np.empty(0, np.int64), [], passed
     vectors = unit_rows(vector_matrix(table.column("vec")))
     role = table.column("role").to_numpy(zero_copy_only=False)
     rids = table.column("rid").to_numpy(zero_copy_only=False)
     tasks = [
         (rows[role[rows] != CANDIDATE], rows[role[rows] != QUERY]) for rows in _task_groups(table)
     ]
-    return table, vectors, rids, tasks
+    return table, vectors, rids, tasks, passed
 
 
-def _search_tasks(k: int, device: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
+def pack_lists(lists: pa.Table, buckets: int) -> pa.RecordBatch:
+    """``LISTS_ARROW_SCHEMA`` rows as ``PACKED_LISTS_SCHEMA`` rows, one per merge bucket."""
+    bucket = lists.column("rid").to_numpy() % buckets
+    order = np.argsort(bucket, kind="stable")
+    lists, bucket = lists.take(pa.array(order)).combine_chunks(), bucket[order]
+    starts = np.flatnonzero(np.concatenate([[True], bucket[1:] != bucket[:-1]]))
+    ends = np.append(starts[1:], len(bucket))
+    return pa.RecordBatch.from_arrays(
+        [pa.array(bucket[starts], pa.int32()),
+         pack_tables(lists.slice(a, b - a) for a, b in zip(starts, ends, strict=True))],
+        names=["bucket", "payload"],
+    )  # fmt: skip
+
+
+def _search_tasks(
+    k: int, device: str, buckets: int
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         resolved = _prepare_worker(device)
         loaded = _load_partition(batches)
         if loaded is None:
             return
-        table, vectors, rids, tasks = loaded
+        table, vectors, rids, tasks, passed = loaded
         taus = table.column("tau").to_numpy(zero_copy_only=False).astype(np.float32)
         picked_q, picked_c, picked_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []
         for queries, candidates in tasks:
@@ -322,35 +395,65 @@ def _search_tasks(k: int, device: str) -> Callable[[Iterator[pa.RecordBatch]], I
             picked_c.append(candidates[ci])
             picked_s.append(scores)
         q, c = np.concatenate(picked_q), np.concatenate(picked_c)
-        if len(q) == 0:
-            return
-        # One row per (query, task) with list columns: the merge shuffle then moves a few
-        # million rows instead of one per candidate.
-        order = np.argsort(q, kind="stable")
-        q, c = q[order], c[order]
-        scores = np.concatenate(picked_s)[order]
-        starts = np.flatnonzero(np.concatenate([[True], q[1:] != q[:-1]]))
-        offsets = pa.array(np.append(starts, len(q)).astype(np.int32))
-        ids = table.column("listing_id").combine_chunks()
-        yield pa.RecordBatch.from_arrays(
-            [ids.take(q[starts]),
-             pa.ListArray.from_arrays(offsets, ids.take(c)),
-             pa.ListArray.from_arrays(offsets, pa.array(scores, pa.float32()))],
-            names=["listing_id", "top_ids", "top_scores"],
-        )  # fmt: skip
+        if len(q):
+            # One list per (query, task).
+            order = np.argsort(q, kind="stable")
+            q, c = q[order], c[order]
+            scores = np.concatenate(picked_s)[order]
+            starts = np.flatnonzero(np.concatenate([[True], q[1:] != q[:-1]]))
+            offsets = pa.array(np.append(starts, len(q)).astype(np.int32))
+            ids = table.column("listing_id").combine_chunks()
+            passed.append(pa.Table.from_arrays(
+                [pa.array(rids[q[starts]]), ids.take(q[starts]),
+                 pa.ListArray.from_arrays(offsets, ids.take(c)),
+                 pa.ListArray.from_arrays(offsets, pa.array(scores, pa.float32()))],
+                schema=LISTS_ARROW_SCHEMA,
+            ))  # fmt: skip
+        if passed:
+            yield pack_lists(pa.concat_tables(passed), buckets)
 
     return run
 
 
-def _home_tasks(k: int, device: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
+# Home results handed to ``route`` at a time: bounds a worker's memory whatever ``nprobe``.
+_ROUTE_ROWS = 1 << 16
+
+
+def _home_tasks(
+    k: int, device: str, route: Callable[[pa.Table], Iterator[pa.RecordBatch]]
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         resolved = _prepare_worker(device)
         loaded = _load_partition(batches)
         if loaded is None:
             return
-        table, vectors, rids, tasks = loaded
+        table, vectors, rids, tasks, _ = loaded
         ids = table.column("listing_id").combine_chunks()
-        picked, taus, counts, neighbour_rows, scores = [], [], [], [], []
+        lists = table.column("list").to_numpy(zero_copy_only=False)
+        pending: list[tuple] = []
+
+        def home_table() -> pa.Table:
+            queries = np.concatenate([q for q, _, _ in pending])
+            best = np.concatenate([b for _, b, _ in pending])
+            neighbour_rows = np.concatenate([r for _, _, r in pending])
+            valid = np.isfinite(best)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
+            picked = pa.array(queries)
+            return pa.table(
+                {"part": table.column("part").take(picked),
+                 "list": pa.array(lists[queries], pa.int32()),
+                 "rid": pa.array(rids[queries]),
+                 "listing_id": ids.take(picked),
+                 "probes": unpack_ints(table.column("probe_bytes").take(picked)),
+                 "vec": table.column("vec").take(picked),
+                 # The k-th best of any candidate subset is a lower bound of the final k-th.
+                 "tau": pa.array(best[:, k - 1], pa.float32()),
+                 "top_ids": pa.ListArray.from_arrays(offsets, ids.take(neighbour_rows[valid])),
+                 "top_scores": pa.ListArray.from_arrays(offsets,
+                                                        pa.array(best[valid], pa.float32()))}
+            )  # fmt: skip
+
+        held = 0
         for queries, candidates in tasks:
             index, best = best_k(
                 vectors[queries],
@@ -360,56 +463,53 @@ def _home_tasks(k: int, device: str) -> Callable[[Iterator[pa.RecordBatch]], Ite
                 candidate_rids=rids[candidates],
                 device=resolved,
             )
-            valid = np.isfinite(best)
-            picked.append(queries)
-            # The k-th best of any candidate subset is a lower bound of the final k-th best.
-            taus.append(best[:, k - 1] if best.shape[1] == k else np.full(len(queries), -np.inf))
-            counts.append(valid.sum(axis=1))
-            neighbour_rows.append(candidates[index[valid]])
-            scores.append(best[valid])
-        if not picked:
-            return
-        offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int32)
-        top_ids = pa.ListArray.from_arrays(
-            pa.array(offsets), ids.take(np.concatenate(neighbour_rows))
-        )
-        top_scores = pa.ListArray.from_arrays(
-            pa.array(offsets), pa.array(np.concatenate(scores), pa.float32())
-        )
-        picked_rows = pa.array(np.concatenate(picked))
-        rows = table.select(["part", "rid", "listing_id"]).take(picked_rows)
-        rows = rows.append_column(
-            "probes", unpack_ints(table.column("probe_bytes").take(picked_rows))
-        )
-        rows = rows.append_column("vec", table.column("vec").take(picked_rows))
-        rows = rows.append_column("tau", pa.array(np.concatenate(taus), pa.float32()))
-        rows = rows.append_column("top_ids", top_ids).append_column("top_scores", top_scores)
-        yield from rows.to_batches()
+            if best.shape[1] < k:  # fewer candidates than k: pad with -inf so tasks stack
+                pad = k - best.shape[1]
+                best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
+                index = np.pad(index, ((0, 0), (0, pad)))
+            rows = candidates[index] if len(candidates) else np.zeros_like(index)
+            pending.append((queries, best, rows))
+            held += len(queries)
+            if held >= _ROUTE_ROWS:
+                yield from route(home_table())
+                pending, held = [], 0
+        if pending:
+            yield from route(home_table())
 
     return run
 
 
 def search_tasks(
-    tasks: DataFrame, *, k: int, num_partitions: int, device: str = "cpu"
+    tasks: DataFrame, *, k: int, num_partitions: int, merge_partitions: int, device: str = "cpu"
 ) -> DataFrame:
     """Score task rows (``TASK_SCHEMA``): per query and task, the candidates reaching the query's
-    threshold, at most ``k``, as one ``LISTS_SCHEMA`` row (none when no candidate reaches it).
+    threshold, at most ``k``, as one list (none when no candidate reaches it); PASS rows' lists
+    go through as they are. Returns them packed for ``merge_lists`` with ``merge_partitions``.
     One shuffle on the task key."""
     return (
         tasks.select(*TASK_COLUMNS)
         .repartition(num_partitions, *TASK_COLUMNS[:4])
-        .mapInArrow(_search_tasks(k, device), LISTS_SCHEMA)
+        .mapInArrow(_search_tasks(k, device, merge_partitions), PACKED_LISTS_SCHEMA)
     )
 
 
-def home_tasks(tasks: DataFrame, *, k: int, num_partitions: int, device: str = "cpu") -> DataFrame:
-    """Each query row of ``tasks`` (each in exactly one task) with its best ``k`` candidates of
-    the task as ``top_ids``/``top_scores`` (best first) and ``tau``, the k-th best score (-inf
-    when fewer): ``HOME_SCHEMA``."""
+def home_tasks(
+    tasks: DataFrame,
+    *,
+    k: int,
+    num_partitions: int,
+    route: Callable[[pa.Table], Iterator[pa.RecordBatch]],
+    device: str = "cpu",
+) -> DataFrame:
+    """Score each query row of ``tasks`` (each in exactly one task) against its task's
+    candidates and hand the results to ``route``, which returns the next stage's
+    ``TASK_SCHEMA`` rows. ``route`` gets a table of up to ``_ROUTE_ROWS`` queries: part, list
+    (the task's), rid, listing_id, probes (unpacked), vec, ``tau`` (the k-th best score, -inf
+    when fewer candidates) and the best ``k`` as ``top_ids``/``top_scores``, best first."""
     return (
         tasks.select(*TASK_COLUMNS)
         .repartition(num_partitions, *TASK_COLUMNS[:4])
-        .mapInArrow(_home_tasks(k, device), HOME_SCHEMA)
+        .mapInArrow(_home_tasks(k, device, route), TASK_SCHEMA)
     )
 
 
@@ -419,8 +519,8 @@ def home_tasks(tasks: DataFrame, *, k: int, num_partitions: int, device: str = "
 
 
 def _rank_lists(table: pa.Table, k: int) -> pa.Table:
-    """``LISTS_SCHEMA`` rows -> the best k per listing with rank, ties broken by neighbour_id,
-    self-pairs dropped."""
+    """``LISTS_ARROW_SCHEMA`` rows -> the best k per listing with rank, ties broken by
+    neighbour_id, self-pairs dropped."""
     encoded = pc.dictionary_encode(table["listing_id"].combine_chunks())
     top_ids = table["top_ids"].combine_chunks()
     lengths = pc.list_value_length(top_ids).to_numpy(zero_copy_only=False)
@@ -452,21 +552,20 @@ def _rank_lists(table: pa.Table, k: int) -> pa.Table:
 
 def _merge_partition(k: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        batches = [b for b in batches if b.num_rows]
-        if batches:
-            yield from _rank_lists(pa.Table.from_batches(batches), k).to_batches()
+        lists = [table for batch in batches for table in unpack_tables(batch.column("payload"))]
+        if lists:
+            yield from _rank_lists(pa.concat_tables(lists), k).to_batches()
 
     return run
 
 
-def merge_lists(lists: DataFrame, *, k: int, num_partitions: int) -> DataFrame:
-    """The best ``k`` per listing of its ``LISTS_SCHEMA`` rows (any number per listing), ranked
-    from 1 (ties by neighbour_id), as ``RANKED_SCHEMA``. Pairs must not repeat. One shuffle by
-    listing_id; the ranking runs in Arrow inside the partitions."""
-    return (
-        lists.select("listing_id", "top_ids", "top_scores")
-        .repartition(num_partitions, "listing_id")
-        .mapInArrow(_merge_partition(k), RANKED_SCHEMA)
+def merge_lists(packed: DataFrame, *, k: int, num_partitions: int) -> DataFrame:
+    """The best ``k`` per listing of its candidate lists (``search_tasks`` output, packed for
+    ``num_partitions``; any number of lists per listing), ranked from 1 (ties by
+    neighbour_id), as ``RANKED_SCHEMA``. Pairs must not repeat. One shuffle of the packed
+    values; the ranking runs in Arrow inside the partitions."""
+    return packed.repartition(num_partitions, "bucket").mapInArrow(
+        _merge_partition(k), RANKED_SCHEMA
     )
 
 
@@ -540,6 +639,7 @@ def task_rows(rows: DataFrame, *, role: int | Column, list_: Column, qchunk: Col
         (F.col("probe_bytes") if "probe_bytes" in names else F.lit(None))
         .cast("binary")
         .alias("probe_bytes"),
+        F.lit(bytearray()).alias("payload"),
     )
 
 
@@ -572,15 +672,17 @@ def exact_top_k(
         every_block, role=F.when(diagonal, BOTH).otherwise(CANDIDATE), list_=F.col("block"),
         qchunk=F.col("target"), cslice=F.lit(0),
     )  # fmt: skip
+    # One block pair per partition spreads the scoring over every core; past a few thousand
+    # pairs, pairs share partitions. The merge holds about as many list elements per partition.
+    partitions = min(num_blocks * num_blocks, 8192)
     found = search_tasks(
         queries.unionByName(candidates),
         k=k,
-        # One block pair per partition spreads the scoring over every core; past a few
-        # thousand pairs, pairs share partitions.
-        num_partitions=min(num_blocks * num_blocks, 8192),
+        num_partitions=partitions,
+        merge_partitions=partitions,
         device=device,
     )
-    return merge_lists(found, k=k, num_partitions=min(num_blocks * num_blocks, 8192))
+    return merge_lists(found, k=k, num_partitions=partitions)
 
 
 def to_neighbours_table(top_k: DataFrame, *, model_version: str, run_date: dt.date) -> DataFrame:

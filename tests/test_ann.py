@@ -136,6 +136,17 @@ def test_packed_vectors_round_trip_also_when_sliced():
         neighbours.vector_matrix(pa.array([[1.0], [1.0, 2.0]], pa.list_(pa.float32())))
 
 
+def test_packed_tables_round_trip_one_value_each():
+    table = pa.table({"rid": [1, 2, 3], "vec": [b"ab", b"", b"cde"]})
+    packed = neighbours.pack_tables([table.slice(0, 2), table.slice(2), table.slice(0, 0)])
+
+    assert packed.type == pa.binary() and len(packed) == 3
+    unpacked = neighbours.unpack_tables(pa.chunked_array([packed.slice(0, 1), packed.slice(1)]))
+    assert [t.to_pylist() for t in unpacked] == [
+        table.slice(0, 2).to_pylist(), table.slice(2).to_pylist(), []
+    ]  # fmt: skip
+
+
 def test_recall_counts_ties_with_the_kth_exact_neighbour_as_hits():
     truth = {"a": [0.9, 0.8], "b": [0.5, 0.5]}
     # "b" found another neighbour with the same score as its exact 2nd: still a full match.
@@ -204,6 +215,12 @@ def test_skewed_catalogue_completes_with_bounded_tasks(spark):
     assert_well_formed(by_listing, 5)
     assert recall_against(exact_scores(vectors, 5), by_listing) >= 0.9
 
+    # Probing every list, the sliced and chunked lists must still give the exact answer.
+    every = ann.search(df, method="ivf", params=ann.IvfParams(**{**params.__dict__, "nprobe": 8}),
+                       num_listings=400)  # fmt: skip
+    assert recall_against(exact_scores(vectors, 5), collected(every.top_k)) == 1.0
+    every.release()
+
 
 def test_partition_key_keeps_neighbours_within_their_market(spark):
     vectors = clustered(240, seed=7)
@@ -248,12 +265,22 @@ def test_measured_recall_exposes_a_bad_result_and_coverage_counts_short_lists(sp
 
 
 def test_merge_lists_ranks_across_rows_of_the_same_listing(spark):
-    lists = spark.createDataFrame(
-        [("a", ["b", "c"], [0.9, 0.5]), ("b", ["a"], [0.9]),  # home lists
-         ("a", ["d", "e"], [0.7, 0.5]), ("b", ["c", "b"], [0.95, 1.0]),  # found in other lists
-         ("a", ["f"], [0.1])],
-        "listing_id string, top_ids array<string>, top_scores array<float>",
+    import pyarrow as pa
+
+    rows = [("a", ["b", "c"], [0.9, 0.5]), ("b", ["a"], [0.9]),  # home lists
+            ("a", ["d", "e"], [0.7, 0.5]), ("b", ["c", "b"], [0.95, 1.0]),  # found elsewhere
+            ("a", ["f"], [0.1])]  # fmt: skip
+    lists = pa.Table.from_pylist(
+        [{"rid": ord(r[0]), "listing_id": r[0], "top_ids": r[1], "top_scores": r[2]}
+         for r in rows],
+        schema=neighbours.LISTS_ARROW_SCHEMA,
     )  # fmt: skip
+    # As two search partitions would pack them.
+    packed = [neighbours.pack_lists(lists.slice(0, 2), 2), neighbours.pack_lists(lists.slice(2), 2)]
+    lists = spark.createDataFrame(
+        [(b["bucket"], b["payload"]) for batch in packed for b in batch.to_pylist()],
+        neighbours.PACKED_LISTS_SCHEMA,
+    )
 
     got = neighbours.merge_lists(lists, k=3, num_partitions=2).collect()
 
