@@ -442,26 +442,6 @@ def _ragged_range(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - first, counts) + np.arange(total)
 
 
-def _empty_binary(n: int) -> pa.Array:
-    return pa.Array.from_buffers(
-        pa.binary(), n, [None, pa.py_buffer(np.zeros(n + 1, np.int32)), pa.py_buffer(b"")]
-    )
-
-
-def _packed_rows(keys: list[tuple[int, str, int, int, int]], payloads: pa.Array):
-    """TASK_SCHEMA rows that only carry a key (role, part, list, qchunk, cslice) and a payload."""
-    n = len(payloads)
-    role, part, list_, qchunk, cslice = (list(column) for column in zip(*keys, strict=True))
-    return pa.RecordBatch.from_arrays(
-        [pa.array(part, pa.string()), pa.array(list_, pa.int32()), pa.array(qchunk, pa.int32()),
-         pa.array(cslice, pa.int32()), pa.array(role, pa.int8()), pa.array(np.zeros(n, np.int64)),
-         pa.array([""] * n, pa.string()), _empty_binary(n),
-         pa.array(np.full(n, np.nan, np.float32)), _empty_binary(n),
-         payloads],
-        schema=neighbours.TASK_ARROW_SCHEMA.append(pa.field("payload", pa.binary())),
-    )  # fmt: skip
-
-
 class _Router:
     """``route`` for ``neighbours.home_tasks``: turns home-pass results into the search pass's
     task rows, packed one payload per task key, so the few million (query, probed list) rows
@@ -479,8 +459,7 @@ class _Router:
     def __call__(self, home: pa.Table) -> Iterator[pa.RecordBatch]:
         first_rid = int(home.column("rid")[0].as_py())
         lists = home.select(["rid", "listing_id", "top_ids", "top_scores"])
-        yield _packed_rows([(PASS, NO_PART, -1, first_rid % (1 << 31), 0)],
-                           neighbours.pack_tables([lists]))  # fmt: skip
+        yield neighbours.packed_task_rows([(PASS, NO_PART, -1, first_rid % (1 << 31), 0)], [lists])
         parts = home.column("part").to_numpy(zero_copy_only=False)
         for part in sorted(set(parts)):
             rows = home.take(pa.array(np.flatnonzero(parts == part)))
@@ -526,20 +505,17 @@ class _Router:
              pa.array(keys[2], pa.int32()), pa.array(role, pa.int8()),
              pa.array(rid[who]), home.column("listing_id").take(picked),
              home.column("vec").take(picked), home.column("tau").take(picked),
-             _empty_binary(len(who))],
+             neighbours.empty_binary(len(who))],
             schema=neighbours.TASK_ARROW_SCHEMA,
         ).combine_chunks()  # fmt: skip
         # One chunk: a slice then packs as one record batch, not one per input batch it spans.
         bounds = np.flatnonzero(np.any(keys[:, 1:] != keys[:, :-1], axis=0)) + 1
         starts = np.concatenate([[0], bounds])
         ends = np.concatenate([bounds, [len(who)]])
-        packed = neighbours.pack_tables(
-            routed.slice(a, b - a) for a, b in zip(starts, ends, strict=True)
+        yield neighbours.packed_task_rows(
+            [(QUERY, part, int(keys[0, a]), int(keys[1, a]), int(keys[2, a])) for a in starts],
+            [routed.slice(a, b - a) for a, b in zip(starts, ends, strict=True)],
         )
-        task_keys = [
-            (QUERY, part, int(keys[0, a]), int(keys[1, a]), int(keys[2, a])) for a in starts
-        ]
-        yield _packed_rows(task_keys, packed)
 
 
 def _search(

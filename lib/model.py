@@ -232,7 +232,8 @@ def weighted_softmax_cross_entropy(
 
     Plain autograd on purpose. A hand-written ``autograd.Function`` that kept the softmax for
     its backward was faster on CPU, but under DDP with two ranks it crashed with heap corruption
-    within a few hundred steps (2 of 3 runs; 0 of 6 with this version, same data and seeds).
+    far more often than this version (2 of 3 runs against 0 of 6). The crash still recurs
+    rarely with this version; see the README.
     """
     rows = torch.arange(len(target), device=target.device)
     logits = torch.addmm(column_bias[None, :], users, listings.T, alpha=alpha)

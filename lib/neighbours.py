@@ -20,7 +20,7 @@ tasks.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -185,6 +185,28 @@ def unpack_tables(packed: pa.Array | pa.ChunkedArray) -> list[pa.Table]:
     """The inverse of ``pack_tables`` (without copying the payloads)."""
     chunks = packed.chunks if isinstance(packed, pa.ChunkedArray) else [packed]
     return [pa.ipc.open_stream(value.as_buffer()).read_all() for chunk in chunks for value in chunk]
+
+
+def empty_binary(n: int) -> pa.BinaryArray:
+    """``n`` empty binary values (no per-value Python objects)."""
+    return pack_ints(np.empty(0, np.int32), np.zeros(n + 1, np.int32))
+
+
+def packed_task_rows(
+    keys: Sequence[tuple[int, str, int, int, int]], tables: Sequence[pa.Table]
+) -> pa.RecordBatch:
+    """``TASK_SCHEMA`` rows that carry only a task key (role, part, list, qchunk, cslice) and
+    that task's rows (``TASK_ARROW_SCHEMA``, or candidate lists for PASS) packed as the payload;
+    ``_load_partition`` unpacks them."""
+    n = len(tables)
+    role, part, list_, qchunk, cslice = (list(column) for column in zip(*keys, strict=True))
+    return pa.RecordBatch.from_arrays(
+        [pa.array(part, pa.string()), pa.array(list_, pa.int32()), pa.array(qchunk, pa.int32()),
+         pa.array(cslice, pa.int32()), pa.array(role, pa.int8()), pa.array(np.zeros(n, np.int64)),
+         pa.array([""] * n, pa.string()), empty_binary(n),
+         pa.array(np.full(n, np.nan, np.float32)), empty_binary(n), pack_tables(tables)],
+        schema=TASK_ARROW_SCHEMA.append(pa.field("payload", pa.binary())),
+    )  # fmt: skip
 
 
 def pack_matrix(vectors: np.ndarray) -> pa.BinaryArray:

@@ -359,10 +359,9 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
 
     torch.manual_seed(params.seed)
     model = TwoTowerModel(config).to(device)
-    # Under DDP (2+ ranks) SparseRowAdam crashed the process within a few hundred steps
-    # (`malloc(): unaligned tcache chunk`, SIGSEGV; 2 of 3 runs of 40 epochs on the
-    # eval-baselines demo shards) while torch's SparseAdam ran clean 3 of 3, so ranks that
-    # share gradients use torch's; a single rank keeps the faster row-wise update.
+    # Ranks that share gradients use torch's reference SparseAdam: while hunting a 2-rank heap
+    # corruption (README) it ran cleaner than SparseRowAdam, though the crash still recurs. A
+    # single rank keeps the faster row-wise update.
     sparse_optimizer = SparseRowAdam if world == 1 else torch.optim.SparseAdam
     sparse_opt = sparse_optimizer(list(model.sparse_parameters()), lr=params.sparse_lr)
     # fused: one kernel for all dense tensors instead of a dozen small ops per step.
