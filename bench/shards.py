@@ -95,6 +95,7 @@ def main() -> None:
                 "events_per_second": round(events / seconds),
                 "peak_rss_gb": peak_rss_gb(),
                 "training_examples": counts["training_examples"],
+                "step_seconds": stats["step_seconds"],
                 "load_average_at_start": round(load_before, 2),
                 "cores": os.cpu_count(),
             }

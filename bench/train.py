@@ -43,7 +43,12 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from lib.schema_check import arrow_schema  # noqa: E402
-from schemas.training_examples import CATEGORICAL_CODES, DENSE_FEATURES, SPEC  # noqa: E402
+from schemas.training_examples import (  # noqa: E402
+    CATEGORICAL_CODES,
+    DENSE_FEATURES,
+    LISTING_FEATURES_SPEC,
+    SPEC,
+)
 
 # Vocabulary sizes of the default 20k-listing sample marketplace, scaled up where the catalogue
 # grows (model and location codes), so the feature table is as big as production's.
@@ -65,8 +70,14 @@ CARDINALITIES = {
 def fabricate_shards(
     out: Path, *, listings: int, users: int, examples: int, files: int = 8, seed: int = 0
 ) -> Path:
-    """Write a shards directory (train/*.parquet + manifest.json) unless the same one exists."""
-    wanted = {"listings": listings, "users": users, "examples": examples, "files": files}
+    """Write a shards directory (train/, listing_features/, manifest.json) unless it exists."""
+    wanted = {
+        "listings": listings,
+        "users": users,
+        "examples": examples,
+        "files": files,
+        "schema_version": SPEC.version,
+    }
     marker = out / "bench-shards.json"
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return out
@@ -88,10 +99,22 @@ def fabricate_shards(
         "listing_idx": listing,
         "weight": rng.exponential(2.0, examples).astype(np.float32),
         "log_q": np.log(counts[listing] / examples).astype(np.float32),
-        **{c: codes[listing, k] for k, c in enumerate(CATEGORICAL_CODES)},
-        **{c: dense[listing, k] for k, c in enumerate(DENSE_FEATURES)},
     }
     table = pa.table(columns, schema=arrow_schema(SPEC.schema))
+    (out / "listing_features").mkdir()
+    every = np.arange(listings, dtype=np.int32)
+    feature_columns = {
+        "listing_idx": every,
+        "listing_id": [f"L{i}" for i in every],
+        "is_active": np.ones(listings, bool),
+        "has_interactions": counts > 0,
+        **{c: codes[:, k] for k, c in enumerate(CATEGORICAL_CODES)},
+        **{c: dense[:, k] for k, c in enumerate(DENSE_FEATURES)},
+    }
+    pq.write_table(
+        pa.table(feature_columns, schema=arrow_schema(LISTING_FEATURES_SPEC.schema)),
+        out / "listing_features" / "part-00000.parquet",
+    )
     names = []
     for i, part in enumerate(np.array_split(np.arange(examples), files)):
         names.append(f"train/part-{i:05d}.parquet")

@@ -5,22 +5,65 @@ of the shard files with pyarrow, passes rows through a shuffle buffer and yields
 batches, so the DataLoader runs with ``batch_size=None``. Every rank yields the same number of
 batches per epoch (computed from the Parquet footers), because DDP hangs when one rank runs
 out of batches while the others wait for its gradients.
+
+Training examples carry ids and weights only; each batch looks its listings' encoded features
+up in ``ListingFeatures``, the ``listing_features`` table held in memory as two tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from schemas.training_examples import CATEGORICAL_CODES, DENSE_FEATURES
+from schemas.training_examples import CATEGORICAL_CODES, DENSE_FEATURES, LISTING_FEATURES_SPEC
 
 ID_COLUMNS = ("user_idx", "listing_idx")
 FLOAT_COLUMNS = ("weight", "log_q")
+
+
+@dataclass(frozen=True)
+class ListingFeatures:
+    """Encoded features of every listing index: ``codes`` int64 ``[n, n_codes]``, ``dense``
+    float32 ``[n, n_dense]``. Indices without a features row keep zeros: the unknown code and
+    the mean of every normalised feature."""
+
+    codes: torch.Tensor
+    dense: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
+def read_listing_features(
+    path: str | Path,
+    num_listings: int,
+    *,
+    code_columns: Sequence[str] = CATEGORICAL_CODES,
+    dense_columns: Sequence[str] = DENSE_FEATURES,
+) -> ListingFeatures:
+    """Load a ``listing_features`` directory (or file) into a table indexed by ``listing_idx``."""
+    table = pq.read_table(path, columns=["listing_idx", *code_columns, *dense_columns])
+    idx = table.column("listing_idx").to_numpy()
+    outside = idx[(idx < 0) | (idx >= num_listings)]
+    if len(outside):
+        raise ValueError(
+            f"table '{LISTING_FEATURES_SPEC.name}', column 'listing_idx': {len(outside)} values "
+            f"outside [0, {num_listings}), e.g. {outside[:3].tolist()}"
+        )
+    codes = np.zeros((num_listings, len(code_columns)), np.int64)
+    dense = np.zeros((num_listings, len(dense_columns)), np.float32)
+    for j, name in enumerate(code_columns):
+        codes[idx, j] = table.column(name).to_numpy()
+    for j, name in enumerate(dense_columns):
+        dense[idx, j] = table.column(name).to_numpy()
+    return ListingFeatures(torch.from_numpy(codes), torch.from_numpy(dense))
 
 
 def file_row_counts(files: Sequence[str]) -> list[int]:
@@ -42,8 +85,9 @@ def _num_batches(rows: int, batch_size: int, drop_last: bool) -> int:
 class ShardDataset(IterableDataset):
     """Shuffled, pre-batched rows of the shard files that belong to one rank.
 
-    Yields dicts ``user_idx, listing_idx`` (int64 ``[B]``), ``codes`` (int64 ``[B, n_codes]``),
-    ``dense`` (float32 ``[B, n_dense]``), ``weight, log_q`` (float32 ``[B]``). Use with
+    Yields dicts ``user_idx, listing_idx`` (int64 ``[B]``), ``codes`` (int64 ``[B, n_codes]``)
+    and ``dense`` (float32 ``[B, n_dense]``) looked up in ``listing_features``, ``weight,
+    log_q`` (float32 ``[B]``). Use with
     ``DataLoader(dataset, batch_size=None, num_workers=num_workers)``; ``num_workers`` must be the
     DataLoader's, since it decides which files each worker reads.
 
@@ -55,6 +99,7 @@ class ShardDataset(IterableDataset):
     def __init__(
         self,
         files: Sequence[str],
+        listing_features: ListingFeatures,
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -65,8 +110,6 @@ class ShardDataset(IterableDataset):
         num_workers: int = 0,
         drop_last: bool = False,
         row_counts: Sequence[int] | None = None,
-        code_columns: Sequence[str] = CATEGORICAL_CODES,
-        dense_columns: Sequence[str] = DENSE_FEATURES,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
@@ -79,7 +122,7 @@ class ShardDataset(IterableDataset):
         self.seed, self.epoch = seed, epoch
         self.workers = max(1, num_workers)
         self.drop_last = drop_last
-        self.layout = RowLayout(code_columns, dense_columns)
+        self.layout = RowLayout(listing_features)
         slots = world_size * self.workers
         if len(self.files) < slots:
             raise ValueError(
@@ -130,7 +173,7 @@ class ShardDataset(IterableDataset):
         read_rows = max(self.batch_size, self.shuffle_buffer // 2, 4096)
         for path in files:
             parquet = pq.ParquetFile(path)
-            for rb in parquet.iter_batches(batch_size=read_rows, columns=self.layout.columns):
+            for rb in parquet.iter_batches(batch_size=read_rows, columns=list(self.layout.columns)):
                 yield self.layout.pack(rb)
 
     def _batches(self, files: Sequence[str], rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -164,31 +207,35 @@ class RowLayout:
     several times cheaper than gathering every column array separately.
     """
 
-    def __init__(self, code_columns: Sequence[str], dense_columns: Sequence[str]):
-        self.code_columns, self.dense_columns = tuple(code_columns), tuple(dense_columns)
-        self.int_columns = (*ID_COLUMNS, *self.code_columns)
-        self.float_columns = (*FLOAT_COLUMNS, *self.dense_columns)
-        self.columns = [*self.int_columns, *self.float_columns]
-        self.width = len(self.columns)
+    columns = (*ID_COLUMNS, *FLOAT_COLUMNS)
+
+    def __init__(self, listing_features: ListingFeatures):
+        self.listing_features = listing_features
 
     def pack(self, rb) -> np.ndarray:
-        """A record batch -> ``int32[rows, width]`` in ``self.columns`` order."""
-        out = np.empty((rb.num_rows, self.width), np.int32)
+        """A record batch -> ``int32[rows, 4]`` in ``self.columns`` order."""
+        out = np.empty((rb.num_rows, len(self.columns)), np.int32)
         floats = out.view(np.float32)
         for j, name in enumerate(self.columns):
-            target = out if j < len(self.int_columns) else floats
+            target = out if j < len(ID_COLUMNS) else floats
             target[:, j] = rb.column(name).to_numpy(zero_copy_only=False)
         return out
 
     def unpack(self, block: np.ndarray) -> dict[str, torch.Tensor]:
-        """Packed rows -> the batch dict the model reads (int64 ids and codes, float32 rest)."""
+        """Packed rows -> the batch dict the model reads, features looked up per listing."""
         t = torch.from_numpy(np.ascontiguousarray(block))
-        n_codes, floats = len(self.code_columns), t[:, len(self.int_columns) :].view(torch.float32)
+        listing = t[:, 1].long()
+        if len(listing) and int(listing.max()) >= len(self.listing_features):
+            raise ValueError(
+                f"training example with listing_idx {int(listing.max())}, but listing_features "
+                f"covers {len(self.listing_features)} listings: shards from different runs?"
+            )
+        floats = t[:, 2:].view(torch.float32)
         return {
             "user_idx": t[:, 0].long(),
-            "listing_idx": t[:, 1].long(),
-            "codes": t[:, 2 : 2 + n_codes].long(),
+            "listing_idx": listing,
+            "codes": self.listing_features.codes[listing],
+            "dense": self.listing_features.dense[listing],
             "weight": floats[:, 0].contiguous(),
             "log_q": floats[:, 1].contiguous(),
-            "dense": floats[:, 2:].contiguous(),
         }

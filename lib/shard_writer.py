@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 
 from lib import features, shards, validation
 from lib.parquet_io import StagedDirectory, parquet_files, read_parquet, write_json, write_parquet
+from lib.session import sql_conf
 from schemas import interactions, training_examples
 
 MANIFEST = "manifest.json"
@@ -53,6 +54,25 @@ def _write_vocabulary(
     return read_parquet(spark, out / "vocab" / name, spec)
 
 
+class _StepClock:
+    """Seconds per step of the stage, for the manifest: where a slow night spent its time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self._last, 2)
+        self._last = now
+
+
+# Compressing a cache of millions of rows costs more CPU (~15 s for the 10M tagged events, a
+# quarter of the tagging) than this stage can spare, to save memory it has; an uncompressed
+# cache spills to disk when memory runs short. Spark reads the setting when a cache is declared.
+_UNCOMPRESSED_CACHE = ("spark.sql.inMemoryColumnarStorage.compressed", "false")
+
+
 def _drop_counts(tagged: DataFrame) -> dict[str, int]:
     counts: dict[str, int] = {"dropped_duplicate": 0}
     for row in shards.drop_counts(tagged).collect():
@@ -74,17 +94,18 @@ def write_shards(
     input_versions: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Clean, weight, index and encode; write everything under ``out_dir``; return the manifest."""
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), _StepClock()
     broadcast = snapshot.count() <= params.broadcast_max_listings
-    tagged = shards.tag_drop_reasons(
-        events,
-        snapshot,
-        run_date=params.run_date,
-        lookback_days=params.lookback_days,
-        event_types=tuple(name for name, _ in params.event_weights),
-        max_events_per_user_day=params.max_events_per_user_day,
-        broadcast_listings=broadcast,
-    ).persist()
+    with sql_conf(spark, *_UNCOMPRESSED_CACHE):
+        tagged = shards.tag_drop_reasons(
+            events,
+            snapshot,
+            run_date=params.run_date,
+            lookback_days=params.lookback_days,
+            event_types=tuple(name for name, _ in params.event_weights),
+            max_events_per_user_day=params.max_events_per_user_day,
+            broadcast_listings=broadcast,
+        ).persist()
     counts = _drop_counts(tagged)
     if counts.get("dropped_null_key"):
         validation.require_not_null(events, interactions.SPEC)  # names the column, with examples
@@ -93,26 +114,30 @@ def write_shards(
     train_events, holdout = shards.split_holdout(
         kept, run_date=params.run_date, holdout_days=params.holdout_days
     )
+    clock.done("tag_events")
 
     with StagedDirectory(out_dir) as out:
         listing_ids = snapshot.select(F.col("listing_id").alias("id"))
         user_ids = train_events.select(F.col("user_id").alias("id"))
         listing_vocab = _write_vocabulary(spark, listing_ids, "listings", out, previous_shards)
         user_vocab = _write_vocabulary(spark, user_ids, "users", out, previous_shards)
+        clock.done("vocabularies")
 
         encoding = features.fit_feature_encoding(snapshot, run_date=params.run_date)
         encoded = features.encode_listing_features(snapshot, listing_vocab, encoding).persist()
-        weighted = shards.weight_interactions(
-            train_events,
-            run_date=params.run_date,
-            event_weights=dict(params.event_weights),
-            half_life_days=params.half_life_days,
-        ).persist()
+        clock.done("fit_encoding")
+        with sql_conf(spark, *_UNCOMPRESSED_CACHE):
+            weighted = shards.weight_interactions(
+                train_events,
+                run_date=params.run_date,
+                event_weights=dict(params.event_weights),
+                half_life_days=params.half_life_days,
+            ).persist()
         examples = shards.assemble_training_examples(
             weighted,
             user_vocab,
-            encoded,
-            broadcast_features=broadcast,
+            listing_vocab,
+            broadcast_listings=broadcast,
             num_files=params.num_files,
             seed=params.seed,
         )
@@ -123,16 +148,19 @@ def write_shards(
             row_group_bytes=8 << 20,
         )
         written = read_parquet(spark, out / "train", training_examples.SPEC)
+        clock.done("training_examples")
         write_parquet(
             shards.mark_listings_with_interactions(encoded, written).coalesce(1),
             out / "listing_features",
             training_examples.LISTING_FEATURES_SPEC,
         )
+        clock.done("listing_features")
         write_parquet(
             holdout.select(*training_examples.HOLDOUT_SCHEMA.fieldNames()),
             out / "holdout",
             training_examples.HOLDOUT_SPEC,
         )
+        clock.done("holdout")
         for cached in (tagged, encoded, weighted):
             cached.unpersist()
 
@@ -154,6 +182,7 @@ def write_shards(
         counts["holdout_events"] = read_parquet(
             spark, out / "holdout", training_examples.HOLDOUT_SPEC
         ).count()
+        clock.done("counts")
         manifest = {
             "schema_version": training_examples.SPEC.version,
             "run_date": params.run_date.isoformat(),
@@ -168,6 +197,7 @@ def write_shards(
             "previous_shards": previous_shards,
             "input_versions": input_versions or {},
             "seconds": round(time.perf_counter() - started, 2),
+            "step_seconds": clock.seconds,
         }
         write_json(out / MANIFEST, manifest)
     return manifest

@@ -138,17 +138,15 @@ def extend_vocabulary(ids: DataFrame, previous: DataFrame | None = None) -> Data
     embeddings of consecutive runs stay comparable.
     """
     distinct_ids = ids.select(F.col("id").cast("string")).where(F.col("id").isNotNull()).distinct()
-    if previous is None:
-        previous = distinct_ids.sparkSession.createDataFrame(
-            [], training_examples.VOCABULARY_SCHEMA
-        )
-    new_ids = distinct_ids.join(previous.select("id"), "id", "left_anti")
-    offset = previous.agg(F.coalesce(F.max("idx") + 1, F.lit(0)).alias("_offset"))
     # One ordered window over the new ids only: a night adds few ids, so the single
     # partition this needs stays small; the first run of a huge catalogue pays it once.
+    in_order = F.row_number().over(Window.orderBy("id")) - 1
+    if previous is None:
+        return distinct_ids.select("id", in_order.cast("int").alias("idx"))
+    new_ids = distinct_ids.join(previous.select("id"), "id", "left_anti")
+    offset = previous.agg(F.coalesce(F.max("idx") + 1, F.lit(0)).alias("_offset"))
     appended = new_ids.crossJoin(offset).select(
-        "id",
-        (F.col("_offset") + F.row_number().over(Window.orderBy("id")) - 1).cast("int").alias("idx"),
+        "id", (F.col("_offset") + in_order).cast("int").alias("idx")
     )
     return previous.select("id", "idx").unionByName(appended)
 
@@ -165,42 +163,36 @@ def listing_log_q(weighted: DataFrame) -> DataFrame:
 def assemble_training_examples(
     weighted: DataFrame,
     user_vocabulary: DataFrame,
-    listing_features: DataFrame,
+    listing_vocabulary: DataFrame,
     *,
-    broadcast_features: bool = True,
+    broadcast_listings: bool = True,
     num_files: int | None = None,
     seed: int = 0,
 ) -> DataFrame:
-    """Join weighted (user_id, listing_id) pairs with ids, log-Q and listing features.
+    """Turn weighted (user_id, listing_id) pairs into indexed training examples with log-Q.
 
     Returns rows in the ``training_examples`` contract, spread over ``num_files`` partitions in
-    random order (``shuffle_into_files``) when it is given. Pairs whose listing has no features
-    row cannot occur after cleaning (unknown listings are dropped), so the inner join loses
-    nothing. ``broadcast_features`` keeps the pairs where they are (partitioned by user) instead
-    of shuffling them by listing; turn it off for catalogues too big to broadcast.
+    random order (``shuffle_into_files``) when it is given. Pairs whose listing is not in the
+    vocabulary cannot occur after cleaning (unknown listings are dropped), so the inner join
+    loses nothing. ``broadcast_listings`` keeps the pairs where they are (partitioned by user)
+    instead of shuffling them by listing; turn it off for catalogues too big to broadcast.
     """
     users = user_vocabulary.select(F.col("id").alias("user_id"), F.col("idx").alias("user_idx"))
-    feature_columns = [
-        c
-        for c in training_examples.SCHEMA.fieldNames()
-        if c not in ("user_idx", "listing_idx", "weight", "log_q")
-    ]
-    features = listing_features.select("listing_id", "listing_idx", *feature_columns).join(
-        listing_log_q(weighted), "listing_id"
-    )
+    per_listing = listing_vocabulary.select(
+        F.col("id").alias("listing_id"), F.col("idx").alias("listing_idx")
+    ).join(listing_log_q(weighted), "listing_id")
     pairs = weighted.join(users, "user_id")
-    if broadcast_features and num_files:
-        # Shuffle the narrow (user, listing, weight) pairs into their files first and attach the
-        # wide feature rows afterwards with a map-side join: the shuffle moves three columns
-        # instead of twenty. The in-file order is drawn after the join, because Spark drops a
-        # sort that sits below a join.
+    if broadcast_listings and num_files:
+        # Shuffle the pairs into their files first and attach the per-listing columns afterwards
+        # with a map-side join. The in-file order is drawn after the join, because Spark drops
+        # a sort that sits below a join.
         spread = pairs.repartition(num_files, F.rand(seed)).join(
-            F.broadcast(features), "listing_id"
+            F.broadcast(per_listing), "listing_id"
         )
         examples = spread.sortWithinPartitions(F.rand(seed + 1))
     else:
         examples = pairs.join(
-            F.broadcast(features) if broadcast_features else features, "listing_id"
+            F.broadcast(per_listing) if broadcast_listings else per_listing, "listing_id"
         )
         if num_files:
             examples = shuffle_into_files(examples, num_files=num_files, seed=seed)

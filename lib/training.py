@@ -28,11 +28,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from lib.loader import ShardDataset
+from lib.loader import ShardDataset, read_listing_features
 from lib.model import TwoTowerConfig, TwoTowerModel
+from schemas import training_examples
 from schemas.training_examples import CATEGORICAL_CODES
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = training_examples.SPEC.version
 # 2: one shared feature-embedding table (was one table per code), SparseRowAdam state.
 ARTIFACT_FORMAT_VERSION = 2
 CHECKPOINT_FORMAT_VERSION = 2
@@ -378,6 +379,7 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
     net = _distributed(model, device, world)
     dataset = ShardDataset(
         files,
+        read_listing_features(Path(params.shards_dir) / "listing_features", config.num_listings),
         rank=rank,
         world_size=world,
         batch_size=params.batch_size,

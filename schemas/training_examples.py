@@ -1,9 +1,11 @@
 """What the shard stage hands to training and inference.
 
-``training_examples``: one row per (user, listing) with its aggregated, decayed weight and the
-listing's encoded features denormalised onto it, so a loader streams rows without any join.
-``listing_features``: one row per indexed listing with the same encoded features; inference
-embeds every active listing from it. ``holdout``: the held-out events, for evaluation.
+``training_examples``: one row per (user, listing) with its aggregated, decayed weight: ids and
+two floats only. ``listing_features``: one row per indexed listing with its encoded features;
+the training loader holds it in memory and looks the features up by ``listing_idx`` (a
+catalogue is far smaller than its interactions, so writing the features onto every example
+cost the shard stage more than the lookup costs the loader), and inference embeds every active
+listing from it. ``holdout``: the held-out events, for evaluation.
 """
 
 from pyspark.sql.types import (
@@ -46,10 +48,12 @@ SCHEMA = StructType(
         StructField("weight", FloatType(), nullable=False),
         # log of the listing's share of training examples: the sampling-bias (log-Q) correction.
         StructField("log_q", FloatType(), nullable=False),
-        *_FEATURE_FIELDS,
     ]
 )
-SPEC = TableSpec(name="training_examples", schema=SCHEMA, key=("user_idx", "listing_idx"))
+# Version 2: the listing features moved off the examples into ``listing_features``.
+SPEC = TableSpec(
+    name="training_examples", schema=SCHEMA, key=("user_idx", "listing_idx"), version=2
+)
 
 LISTING_FEATURES_SCHEMA = StructType(
     [

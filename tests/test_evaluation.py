@@ -249,7 +249,7 @@ def test_evaluate_job_writes_metrics_and_report(spark, tmp_path):
     shards = tmp_path / "work" / "2026-11-20" / "shards"
     features = spark.createDataFrame(feature_rows, training_examples.LISTING_FEATURES_SCHEMA)
     write_parquet(features, shards / "listing_features", training_examples.LISTING_FEATURES_SPEC)
-    train = [(u, i, 1.0, -2.0, *feature_rows[i][4:]) for u in range(6) for i in (u, u + 1)]
+    train = [(u, i, 1.0, -2.0) for u in range(6) for i in (u, u + 1)]
     write_parquet(
         spark.createDataFrame(train, training_examples.SCHEMA),
         shards / "train",

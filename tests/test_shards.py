@@ -218,12 +218,21 @@ def test_assemble_training_examples_and_cold_flags(spark, snapshot):
         "user_id string, listing_id string, weight float",
     )
     user_vocab = shards.extend_vocabulary(weighted.select(F.col("user_id").alias("id")))
-    examples = shards.assemble_training_examples(weighted, user_vocab, encoded)
+    examples = shards.assemble_training_examples(weighted, user_vocab, listing_vocab)
     assert examples.columns == training_examples.SCHEMA.fieldNames()
-    rows = examples.collect()
-    assert len(rows) == 3
+    listing_idx = {r.id: r.idx for r in listing_vocab.collect()}
+    user_idx = {r.id: r.idx for r in user_vocab.collect()}
+    rows = sorted(examples.collect())
+    assert [(r.user_idx, r.listing_idx, r.weight) for r in rows] == sorted(
+        [
+            (user_idx["u1"], listing_idx["L1"], 1.0),
+            (user_idx["u2"], listing_idx["L1"], 2.0),
+            (user_idx["u2"], listing_idx["L2"], 1.0),
+        ]
+    )
     log_q = {r.listing_idx: r.log_q for r in rows}
-    assert sorted(log_q.values()) == pytest.approx(sorted([math.log(2 / 3), math.log(1 / 3)]))
+    assert log_q[listing_idx["L1"]] == pytest.approx(math.log(2 / 3))
+    assert log_q[listing_idx["L2"]] == pytest.approx(math.log(1 / 3))
 
     marked = {
         r.listing_id: r.has_interactions
@@ -232,22 +241,21 @@ def test_assemble_training_examples_and_cold_flags(spark, snapshot):
     assert marked == {"L1": True, "L2": True, "L3": False, "L4": False}
 
 
-@pytest.mark.parametrize("broadcast_features", [True, False])
+@pytest.mark.parametrize("broadcast_listings", [True, False])
 def test_assembled_examples_spread_over_files_are_the_same_rows(
-    spark, snapshot, broadcast_features
+    spark, snapshot, broadcast_listings
 ):
-    encoding = features.fit_feature_encoding(snapshot, run_date=RUN_DATE)
     listing_vocab = shards.extend_vocabulary(snapshot.select(F.col("listing_id").alias("id")))
-    encoded = features.encode_listing_features(snapshot, listing_vocab, encoding)
     weighted = spark.createDataFrame(
         [(f"u{i}", f"L{1 + i % 4}", float(i)) for i in range(1, 41)],
         "user_id string, listing_id string, weight float",
     )
     user_vocab = shards.extend_vocabulary(weighted.select(F.col("user_id").alias("id")))
-    plain = shards.assemble_training_examples(weighted, user_vocab, encoded)
+    plain = shards.assemble_training_examples(weighted, user_vocab, listing_vocab)
     spread = shards.assemble_training_examples(
-        weighted, user_vocab, encoded, broadcast_features=broadcast_features, num_files=3, seed=5
-    )
+        weighted, user_vocab, listing_vocab, broadcast_listings=broadcast_listings, num_files=3,
+        seed=5,
+    )  # fmt: skip
     assert spread.rdd.getNumPartitions() == 3
     assert spread.columns == plain.columns
     assert sorted(spread.collect()) == sorted(plain.collect())

@@ -65,25 +65,16 @@ def fabricate_shards(
     counts = np.bincount(listings, minlength=num_listings)
     log_q = np.log(counts[listings] / rows).astype(np.float32)
 
-    def table(idx: np.ndarray, head: dict, spec) -> pa.Table:
-        columns = {
-            **head,
-            **{c: listing_codes[idx, k] for k, c in enumerate(CATEGORICAL_CODES)},
-            **{c: listing_dense[idx, k] for k, c in enumerate(DENSE_FEATURES)},
-        }
-        return pa.table(columns, schema=arrow_schema(spec.schema))
-
     (root / "train").mkdir(parents=True)
     (root / "listing_features").mkdir()
-    train = table(
-        listings,
+    train = pa.table(
         {
             "user_idx": users.astype(np.int32),
             "listing_idx": listings.astype(np.int32),
             "weight": rng.exponential(2.0, rows).astype(np.float32),
             "log_q": log_q,
         },
-        SPEC,
+        schema=arrow_schema(SPEC.schema),
     )
     names = []
     for i, part in enumerate(np.array_split(np.arange(rows), files)):
@@ -91,19 +82,20 @@ def fabricate_shards(
         pq.write_table(train.take(part), root / name)
         names.append(name)
     all_listings = np.arange(num_listings)
-    features = table(
-        all_listings,
+    features = pa.table(
         {
             "listing_idx": all_listings.astype(np.int32),
             "listing_id": [f"L{i}" for i in all_listings],
             "is_active": np.ones(num_listings, bool),
             "has_interactions": counts > 0,
+            **{c: listing_codes[:, k] for k, c in enumerate(CATEGORICAL_CODES)},
+            **{c: listing_dense[:, k] for k, c in enumerate(DENSE_FEATURES)},
         },
-        LISTING_FEATURES_SPEC,
+        schema=arrow_schema(LISTING_FEATURES_SPEC.schema),
     )
     pq.write_table(features, root / "listing_features" / "part-00000.parquet")
     manifest = {
-        "schema_version": 1,
+        "schema_version": SPEC.version,
         "num_users": num_users,
         "num_listings": num_listings,
         "cardinalities": cards,
@@ -276,7 +268,7 @@ def test_bad_manifest_is_refused(shards, tmp_path, single_rank):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="geo_cell"):
         train_worker(params(bad, tmp_path / "out"))
-    (bad / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "schema_version": SPEC.version + 1}))
     with pytest.raises(ValueError, match="schema_version"):
         read_manifest(str(bad))
     with pytest.raises(FileNotFoundError):
