@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 
 from lib import features, shards, validation
 from lib.parquet_io import StagedDirectory, parquet_files, read_parquet, write_json, write_parquet
-from lib.session import sql_conf
+from lib.session import uncompressed_cache
 from schemas import interactions, training_examples
 
 MANIFEST = "manifest.json"
@@ -67,12 +67,6 @@ class _StepClock:
         self._last = now
 
 
-# Compressing a cache of millions of rows costs more CPU (~15 s for the 10M tagged events, a
-# quarter of the tagging) than this stage can spare, to save memory it has; an uncompressed
-# cache spills to disk when memory runs short. Spark reads the setting when a cache is declared.
-_UNCOMPRESSED_CACHE = ("spark.sql.inMemoryColumnarStorage.compressed", "false")
-
-
 def _drop_counts(tagged: DataFrame) -> dict[str, int]:
     counts: dict[str, int] = {"dropped_duplicate": 0}
     for row in shards.drop_counts(tagged).collect():
@@ -96,7 +90,7 @@ def write_shards(
     """Clean, weight, index and encode; write everything under ``out_dir``; return the manifest."""
     started, clock = time.perf_counter(), _StepClock()
     broadcast = snapshot.count() <= params.broadcast_max_listings
-    with sql_conf(spark, *_UNCOMPRESSED_CACHE):
+    with uncompressed_cache(spark):
         tagged = shards.tag_drop_reasons(
             events,
             snapshot,
@@ -126,7 +120,7 @@ def write_shards(
         encoding = features.fit_feature_encoding(snapshot, run_date=params.run_date)
         encoded = features.encode_listing_features(snapshot, listing_vocab, encoding).persist()
         clock.done("fit_encoding")
-        with sql_conf(spark, *_UNCOMPRESSED_CACHE):
+        with uncompressed_cache(spark):
             weighted = shards.weight_interactions(
                 train_events,
                 run_date=params.run_date,
