@@ -30,9 +30,10 @@ FLOAT_COLUMNS = ("weight", "log_q")
 
 @dataclass(frozen=True)
 class ListingFeatures:
-    """Encoded features of every listing index: ``codes`` int64 ``[n, n_codes]``, ``dense``
-    float32 ``[n, n_dense]``. Indices without a features row keep zeros: the unknown code and
-    the mean of every normalised feature."""
+    """Encoded features of every listing index: ``codes`` int32 ``[n, n_codes]`` (widened per
+    batch, so a large catalogue's table stays half the size), ``dense`` float32 ``[n, n_dense]``.
+    Indices without a features row keep zeros: the unknown code and the mean of every
+    normalised feature."""
 
     codes: torch.Tensor
     dense: torch.Tensor
@@ -57,7 +58,7 @@ def read_listing_features(
             f"table '{LISTING_FEATURES_SPEC.name}', column 'listing_idx': {len(outside)} values "
             f"outside [0, {num_listings}), e.g. {outside[:3].tolist()}"
         )
-    codes = np.zeros((num_listings, len(code_columns)), np.int64)
+    codes = np.zeros((num_listings, len(code_columns)), np.int32)
     dense = np.zeros((num_listings, len(dense_columns)), np.float32)
     for j, name in enumerate(code_columns):
         codes[idx, j] = table.column(name).to_numpy()
@@ -234,7 +235,7 @@ class RowLayout:
         return {
             "user_idx": t[:, 0].long(),
             "listing_idx": listing,
-            "codes": self.listing_features.codes[listing],
+            "codes": self.listing_features.codes[listing].long(),
             "dense": self.listing_features.dense[listing],
             "weight": floats[:, 0].contiguous(),
             "log_q": floats[:, 1].contiguous(),
