@@ -159,6 +159,10 @@ def test_shards_manifest_counts_and_files(spark, tmp_path):
     assert counts["cold_listings"] == 1  # L4: active, never interacted with
     assert len(manifest["train_files"]) <= 2
     assert set(manifest["cardinalities"]) == set(training_examples.CATEGORICAL_CODES)
+    steps = manifest["step_seconds"]
+    assert set(steps) == {"tag_events", "vocabularies", "fit_encoding", "training_examples",
+                          "listing_features", "holdout", "counts"}  # fmt: skip
+    assert all(v >= 0 for v in steps.values()) and sum(steps.values()) <= manifest["seconds"]
     holdout = read_parquet(spark, tmp_path / "shards" / "holdout", training_examples.HOLDOUT_SPEC)
     assert {r.event_ts.date() for r in holdout.collect()} == {dt.date(2026, 11, 20)}
 
