@@ -118,7 +118,7 @@ def write_shards(
         clock.done("vocabularies")
 
         encoding = features.fit_feature_encoding(snapshot, run_date=params.run_date)
-        encoded = features.encode_listing_features(snapshot, listing_vocab, encoding).persist()
+        encoded = features.encode_listing_features(snapshot, listing_vocab, encoding)
         clock.done("fit_encoding")
         with uncompressed_cache(spark):
             weighted = shards.weight_interactions(
@@ -155,7 +155,7 @@ def write_shards(
             training_examples.HOLDOUT_SPEC,
         )
         clock.done("holdout")
-        for cached in (tagged, encoded, weighted):
+        for cached in (tagged, weighted):
             cached.unpersist()
 
         listing_features = read_parquet(

@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader
 
 from lib.loader import ShardDataset, read_listing_features
 from lib.model import TwoTowerConfig, TwoTowerModel
-from schemas import training_examples
 from schemas.training_examples import CATEGORICAL_CODES
+from schemas.training_examples import SPEC as TRAINING_EXAMPLES_SPEC
 
-MANIFEST_SCHEMA_VERSION = training_examples.SPEC.version
+MANIFEST_SCHEMA_VERSION = TRAINING_EXAMPLES_SPEC.version
 # 2: one shared feature-embedding table (was one table per code), SparseRowAdam state.
 ARTIFACT_FORMAT_VERSION = 2
 CHECKPOINT_FORMAT_VERSION = 2
