@@ -102,16 +102,16 @@ def recall_of(found: dict[str, list[float]], truth: np.ndarray, ids: list[str], 
 
 
 def spark_found(top_k, ids: list[str], queries: np.ndarray) -> dict[str, list[float]]:
+    """The found scores of the query listings, from ranked lists (listing_id, scores)."""
     from pyspark.sql import functions as F
 
     spark = top_k.sparkSession
     wanted = spark.createDataFrame([(ids[q],) for q in queries], "listing_id string")
-    found: dict[str, list[float]] = {}
-    for row in (
-        top_k.join(F.broadcast(wanted), "listing_id").select("listing_id", "score").collect()
-    ):
-        found.setdefault(row.listing_id, []).append(row.score)
-    return found
+    return {
+        row.listing_id: list(row.scores)
+        for row in top_k.join(F.broadcast(wanted), "listing_id").select("listing_id", "scores")
+        .collect()
+    }  # fmt: skip
 
 
 def load() -> float:
@@ -240,7 +240,8 @@ def run_lsh(spark, n, ids, vectors, args, dataset) -> dict:
     )
     top_k.count()
     measured = time.perf_counter() - started
-    recall = recall_of(spark_found(top_k, ids, queries), truth, ids, queries)
+    as_lists = top_k.groupBy("listing_id").agg(F.collect_list("score").alias("scores"))
+    recall = recall_of(spark_found(as_lists, ids, queries), truth, ids, queries)
     top_k.unpersist()
     df.unpersist()
     scale = (n / subset_n) ** 2

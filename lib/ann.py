@@ -16,7 +16,9 @@
 5. **Search pass**: a task scores its routed queries against its candidates and emits only
    candidates reaching the query's ``tau``, so only a few per (listing, list) leave it.
 6. **Merge**: the home lists (passed through the search stage) and the search pass's lists,
-   packed per merge partition, are ranked in Arrow inside the partitions.
+   packed per merge partition, are ranked in Arrow inside the partitions into one row per
+   listing with its neighbours and scores as arrays: k times fewer rows for the JVM to take in
+   than one per neighbour, which the publish explodes to at the end.
 
 The result is exactly what an IVF-Flat index with the same centroids and ``nprobe`` returns; the
 scoring is the blockwise one of ``lib.neighbours``. ``measure_recall`` compares it
@@ -321,8 +323,8 @@ METHODS = ("ivf", "exact")
 
 @dataclass
 class SearchResult:
-    """The (lazy) ranked neighbours (listing_id, neighbour_id, rank, score) and what the search
-    decided (``info``: JSON-able, goes into stats and commit metadata).
+    """The (lazy) ranked neighbour lists (``neighbours.RANKED_LISTS_SCHEMA``: listing_id,
+    neighbour_ids, scores, best first) and what the search decided (``info``: JSON-able, goes into stats and commit metadata).
 
     Intermediate results that feed two later steps stay cached until ``release()``.
     """
@@ -386,8 +388,9 @@ def ivf_top_k(
     same ``partition_col`` value when given.
 
     Runs a few small Spark jobs now (the centroid sample, per-list counts; only bounded data
-    reaches the driver) and returns the neighbours as a lazy DataFrame: listing_id,
-    neighbour_id, rank (1..k), score. Call ``release()`` on the result when done with it.
+    reaches the driver) and returns the neighbours as a lazy DataFrame, one row per listing:
+    listing_id, neighbour_ids, scores (best first). Call ``release()`` on the result when done
+    with it.
     """
     spark = embeddings.sparkSession
     sc = spark.sparkContext
@@ -652,7 +655,7 @@ def measure_recall(
     partition_col: str | None = None,
     device: str = "cpu",
 ) -> dict:
-    """Recall@k of ``top_k`` against exact search for a deterministic sample of queries.
+    """Recall@k of ``top_k`` (ranked lists) against exact search for a deterministic sample of queries.
 
     Runs Spark jobs and collects only the sample (queries, their exact and found neighbours).
     A found neighbour counts as a hit when it scores at least the exact k-th neighbour's score
@@ -687,11 +690,11 @@ def measure_recall(
     for row in exact.select("listing_id", "score").collect():
         truth.setdefault(row.listing_id, []).append(row.score)
     wanted = spark.createDataFrame([(str(i),) for i in q_ids], "listing_id string")
-    found: dict[str, list[float]] = {}
-    for row in (
-        top_k.join(F.broadcast(wanted), "listing_id").select("listing_id", "score").collect()
-    ):
-        found.setdefault(row.listing_id, []).append(row.score)
+    found = {
+        row.listing_id: list(row.scores)
+        for row in top_k.join(F.broadcast(wanted), "listing_id").select("listing_id", "scores")
+        .collect()
+    }  # fmt: skip
     queries_bc.destroy()
     return {"recall_at_k": recall_from_scores(truth, found), "recall_queries": len(q_ids)}
 
@@ -730,13 +733,17 @@ def quality(
 
 
 def coverage(top_k: DataFrame, *, k: int, num_listings: int) -> dict:
-    """Runs one Spark job: share of listings with all ``k`` neighbours, listings with at least
+    """Runs one Spark job over ranked lists: share of listings with all ``k`` neighbours, listings with at least
     one, and distinct neighbours as a share of the catalogue."""
-    row = top_k.agg(
-        F.sum(F.when(F.col("rank") == k, 1).otherwise(0)).alias("full"),
-        F.sum(F.when(F.col("rank") == 1, 1).otherwise(0)).alias("with_any"),
-        F.countDistinct("neighbour_id").alias("distinct_neighbours"),
-    ).first()
+    found = F.size("neighbour_ids")
+    counts = top_k.agg(
+        F.sum(F.when(found >= k, 1).otherwise(0)).alias("full"),
+        F.sum(F.when(found >= 1, 1).otherwise(0)).alias("with_any"),
+    )
+    distinct = top_k.select(F.explode("neighbour_ids").alias("neighbour_id")).agg(
+        F.countDistinct("neighbour_id").alias("distinct_neighbours")
+    )
+    row = counts.crossJoin(distinct).first()
     n = max(1, num_listings)
     return {
         "coverage": (row.full or 0) / n,

@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import FloatType, IntegerType, StringType, StructField, StructType
 
-from lib.neighbours import exact_top_k, merge_top_k
+from lib.neighbours import exact_top_k, merge_top_k, ranked_rows
 from lib.parquet_io import read_parquet, write_parquet
 from schemas import TableSpec, training_examples
 
@@ -170,7 +170,9 @@ def als_neighbours(
 ) -> DataFrame:
     """Cosine top-k over ALS item factors, among active listings that have factors."""
     active = _active_ids(listing_features).select("listing_id")
-    return exact_top_k(item_vectors.join(active, "listing_id"), k=k, num_blocks=num_blocks)
+    return ranked_rows(
+        exact_top_k(item_vectors.join(active, "listing_id"), k=k, num_blocks=num_blocks)
+    )
 
 
 def _content_block_sizes(cardinalities: Mapping[str, int]) -> list[tuple[str, str, int]]:
@@ -235,7 +237,9 @@ def content_neighbours(
     num_blocks: int = 1,
 ) -> DataFrame:
     """Cosine top-k over ``content_vectors``: no learning, cold listings included."""
-    return exact_top_k(content_vectors(listing_features, cardinalities), k=k, num_blocks=num_blocks)
+    return ranked_rows(
+        exact_top_k(content_vectors(listing_features, cardinalities), k=k, num_blocks=num_blocks)
+    )
 
 
 def random_neighbours(listing_features: DataFrame, *, k: int, seed: int = 7) -> DataFrame:

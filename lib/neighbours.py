@@ -80,6 +80,9 @@ LISTS_ARROW_SCHEMA = pa.schema(
 )  # fmt: skip
 PACKED_LISTS_SCHEMA = "bucket int, payload binary"
 RANKED_SCHEMA = "listing_id string, neighbour_id string, rank int, score float"
+# A listing's top k as one row, best first (rank = position + 1): the search result's shape, a
+# twentieth of the rows that ``RANKED_SCHEMA`` takes.
+RANKED_LISTS_SCHEMA = "listing_id string, neighbour_ids array<string>, scores array<float>"
 PACKED_SCHEMA = "part string, rid long, listing_id string, vec binary"
 
 
@@ -541,8 +544,8 @@ def home_tasks(
 
 
 def _rank_lists(table: pa.Table, k: int) -> pa.Table:
-    """``LISTS_ARROW_SCHEMA`` rows -> the best k per listing with rank, ties broken by
-    neighbour_id, self-pairs dropped."""
+    """``LISTS_ARROW_SCHEMA`` rows -> one ``RANKED_LISTS_SCHEMA`` row per listing: its best k,
+    ties broken by neighbour_id, self-pairs dropped."""
     encoded = pc.dictionary_encode(table["listing_id"].combine_chunks())
     top_ids = table["top_ids"].combine_chunks()
     lengths = pc.list_value_length(top_ids).to_numpy(zero_copy_only=False)
@@ -561,13 +564,19 @@ def _rank_lists(table: pa.Table, k: int) -> pa.Table:
     starts[1:] = code[1:] != code[:-1]
     position = np.arange(len(code))
     rank = position - np.maximum.accumulate(np.where(starts, position, 0)) + 1
-    keep = pa.array(rank <= k)
+    keep = rank <= k
+    # A listing's first row (rank 1) is always kept, so its list starts there among kept rows.
+    offsets = pa.array(np.append(np.flatnonzero(starts[keep]), keep.sum()).astype(np.int32))
+    kept = pa.array(keep)
     return pa.table(
         {
-            "listing_id": encoded.dictionary.take(flat["code"].filter(keep)),
-            "neighbour_id": flat["neighbour_id"].filter(keep),
-            "rank": pa.array(rank[rank <= k].astype(np.int32)),
-            "score": flat["score"].filter(keep),
+            "listing_id": encoded.dictionary.take(pa.array(code[starts])),
+            "neighbour_ids": pa.ListArray.from_arrays(
+                offsets, flat["neighbour_id"].filter(kept).combine_chunks()
+            ),
+            "scores": pa.ListArray.from_arrays(
+                offsets, flat["score"].filter(kept).combine_chunks()
+            ),
         }
     )
 
@@ -583,11 +592,23 @@ def _merge_partition(k: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
 
 def merge_lists(packed: DataFrame, *, k: int, num_partitions: int) -> DataFrame:
     """The best ``k`` per listing of its candidate lists (``search_tasks`` output, packed for
-    ``num_partitions``; any number of lists per listing), ranked from 1 (ties by
-    neighbour_id), as ``RANKED_SCHEMA``. Pairs must not repeat. One shuffle of the packed
-    values; the ranking runs in Arrow inside the partitions."""
+    ``num_partitions``; any number of lists per listing), best first (ties by neighbour_id),
+    as ``RANKED_LISTS_SCHEMA``. Pairs must not repeat. One shuffle of the packed values; the
+    ranking runs in Arrow inside the partitions."""
     return packed.repartition(num_partitions, "bucket").mapInArrow(
-        _merge_partition(k), RANKED_SCHEMA
+        _merge_partition(k), RANKED_LISTS_SCHEMA
+    )
+
+
+def ranked_rows(lists: DataFrame) -> DataFrame:
+    """``RANKED_LISTS_SCHEMA`` rows as ``RANKED_SCHEMA`` rows: one per (listing, neighbour)."""
+    return lists.select(
+        "listing_id", "scores", F.posexplode("neighbour_ids").alias("pos", "neighbour_id")
+    ).select(
+        "listing_id",
+        "neighbour_id",
+        (F.col("pos") + 1).cast("int").alias("rank"),
+        F.col("scores")[F.col("pos")].cast("float").alias("score"),
     )
 
 
@@ -676,8 +697,8 @@ def exact_top_k(
     """Exact top-``k`` cosine neighbours of every row of ``embeddings`` (listing_id, embedding),
     within the same ``partition_col`` value when given.
 
-    Returns listing_id, neighbour_id, rank (1..k), score; ties broken by neighbour_id so reruns
-    give identical tables.
+    Returns ``RANKED_LISTS_SCHEMA`` rows (``ranked_rows`` gives one row per neighbour); ties
+    broken by neighbour_id so reruns give identical tables.
     """
     base = packed_rows(embeddings, partition_col).withColumn(
         "block", F.pmod(F.col("rid"), F.lit(num_blocks))
@@ -708,12 +729,17 @@ def exact_top_k(
 
 
 def to_neighbours_table(top_k: DataFrame, *, model_version: str, run_date: dt.date) -> DataFrame:
-    """Shape ranked neighbours into the published ``listing_neighbours`` contract."""
-    return top_k.select(
-        F.lit(model_version).alias("model_version"),
-        "listing_id",
-        "neighbour_id",
-        "rank",
-        F.col("score").cast("float").alias("score"),
-        F.lit(run_date).alias("run_date"),
-    ).select(*listing_neighbours.SCHEMA.fieldNames())
+    """Shape ranked neighbour lists (``RANKED_LISTS_SCHEMA``) into the published
+    ``listing_neighbours`` contract, one row per neighbour."""
+    return (
+        ranked_rows(top_k)
+        .select(
+            F.lit(model_version).alias("model_version"),
+            "listing_id",
+            "neighbour_id",
+            "rank",
+            F.col("score").cast("float").alias("score"),
+            F.lit(run_date).alias("run_date"),
+        )
+        .select(*listing_neighbours.SCHEMA.fieldNames())
+    )

@@ -31,8 +31,10 @@ def exact_scores(vectors: np.ndarray, k: int, parts: np.ndarray | None = None) -
 
 
 def collected(top_k) -> dict[str, list]:
+    """Ranked lists as rows (listing_id, neighbour_id, rank, score) per listing, by rank."""
     by_listing: dict[str, list] = {}
-    for row in sorted(top_k.collect(), key=lambda r: (r.listing_id, r["rank"])):
+    rows = neighbours.ranked_rows(top_k).collect()
+    for row in sorted(rows, key=lambda r: (r.listing_id, r["rank"])):
         by_listing.setdefault(row.listing_id, []).append(row)
     return by_listing
 
@@ -248,10 +250,9 @@ def test_measured_recall_exposes_a_bad_result_and_coverage_counts_short_lists(sp
     df = embeddings_df(spark, vectors)
     # Every listing gets the same two (mostly wrong) neighbours, and only two of k=5.
     bad = spark.createDataFrame(
-        [(f"L{i:04d}", f"L{j:04d}", rank, 0.0) for i in range(100) for rank, j in ((1, 98), (2, 99))
-         if i not in (98, 99)],
-        "listing_id string, neighbour_id string, rank int, score float",
-    )  # fmt: skip
+        [(f"L{i:04d}", ["L0098", "L0099"], [0.0, 0.0]) for i in range(100) if i not in (98, 99)],
+        neighbours.RANKED_LISTS_SCHEMA,
+    )
 
     recall = ann.measure_recall(df, bad, k=5, sample_size=50)["recall_at_k"]
     quality = ann.coverage(bad, k=5, num_listings=100)
@@ -284,7 +285,7 @@ def test_merge_lists_ranks_across_rows_of_the_same_listing(spark):
 
     got = neighbours.merge_lists(lists, k=3, num_partitions=2).collect()
 
-    assert sorted((r.listing_id, r["rank"], r.neighbour_id, round(r.score, 2)) for r in got) == [
-        ("a", 1, "b", 0.9), ("a", 2, "d", 0.7), ("a", 3, "c", 0.5),  # c and e tie: c first
-        ("b", 1, "c", 0.95), ("b", 2, "a", 0.9),  # never itself
+    assert sorted((r.listing_id, r.neighbour_ids, [round(s, 2) for s in r.scores]) for r in got) == [
+        ("a", ["b", "d", "c"], [0.9, 0.7, 0.5]),  # c and e tie: c first
+        ("b", ["c", "a"], [0.95, 0.9]),  # never itself
     ]  # fmt: skip

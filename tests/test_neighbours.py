@@ -29,7 +29,7 @@ def test_exact_top_k_matches_brute_force(spark, num_blocks):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(60, 8)).astype(np.float32)
     got = neighbours.exact_top_k(embeddings_df(spark, vectors), k=5, num_blocks=num_blocks)
-    rows = got.collect()
+    rows = neighbours.ranked_rows(got).collect()
     by_listing: dict[str, list] = {}
     for r in sorted(rows, key=lambda r: (r.listing_id, r.rank)):
         by_listing.setdefault(r.listing_id, []).append(r)
@@ -47,7 +47,7 @@ def test_exact_top_k_matches_brute_force(spark, num_blocks):
 def test_exact_top_k_returns_fewer_when_catalogue_is_smaller_than_k(spark):
     vectors = np.eye(3, dtype=np.float32) + 0.1
     got = neighbours.exact_top_k(embeddings_df(spark, vectors), k=5, num_blocks=2)
-    counts = {r.listing_id: r["count"] for r in got.groupBy("listing_id").count().collect()}
+    counts = {r.listing_id: len(r.neighbour_ids) for r in got.collect()}
     assert counts == {"L000": 2, "L001": 2, "L002": 2}
 
 
@@ -66,8 +66,15 @@ def test_merge_top_k_breaks_ties_by_neighbour_id_and_dedupes(spark):
 
 def test_to_neighbours_table_matches_contract(spark):
     top = spark.createDataFrame(
-        [("a", "b", 1, 0.9)], "listing_id string, neighbour_id string, rank int, score float"
+        [("a", ["b", "c"], [0.9, 0.5]), ("b", ["a"], [0.9])], neighbours.RANKED_LISTS_SCHEMA
     )
     table = neighbours.to_neighbours_table(top, model_version="m1", run_date=dt.date(2026, 11, 20))
     check_matches(table, listing_neighbours.SPEC)
-    assert table.first().run_date == dt.date(2026, 11, 20)
+    got = sorted(
+        (r.listing_id, r.rank, r.neighbour_id, round(r.score, 2), r.model_version, r.run_date)
+        for r in table.collect()
+    )
+    day = dt.date(2026, 11, 20)
+    assert got == [
+        ("a", 1, "b", 0.9, "m1", day), ("a", 2, "c", 0.5, "m1", day), ("b", 1, "a", 0.9, "m1", day)
+    ]  # fmt: skip
