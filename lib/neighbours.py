@@ -23,7 +23,6 @@ import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame, Window
@@ -335,12 +334,19 @@ def best_k(
 
 
 def _task_groups(table: pa.Table) -> list[np.ndarray]:
-    keys = pd.DataFrame(
-        {name: table.column(name).to_numpy(zero_copy_only=False) for name in TASK_COLUMNS[:4]}
-    )
-    codes = keys.groupby(list(keys.columns), sort=False, dropna=False).ngroup().to_numpy()
-    order = np.argsort(codes, kind="stable")
-    return np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
+    """Row indices of each task (rows sharing part, list, qchunk and cslice).
+
+    Integer keys sorted with numpy: the part strings become dictionary codes, so no per-row
+    Python objects are made (a pandas group-by on the four columns cost ~15 % of a search task).
+    """
+    part = pc.dictionary_encode(table.column("part"), null_encoding="encode").combine_chunks()
+    keys = [part.indices.to_numpy(zero_copy_only=False)] + [
+        table.column(name).to_numpy(zero_copy_only=False) for name in TASK_COLUMNS[1:4]
+    ]
+    order = np.lexsort(keys[::-1])
+    ordered = np.stack([key[order] for key in keys])
+    bounds = np.flatnonzero(np.any(ordered[:, 1:] != ordered[:, :-1], axis=0)) + 1
+    return np.split(order, bounds)
 
 
 def _prepare_worker(device: str) -> str:
