@@ -78,3 +78,17 @@ def test_to_neighbours_table_matches_contract(spark):
     assert got == [
         ("a", 1, "b", 0.9, "m1", day), ("a", 2, "c", 0.5, "m1", day), ("b", 1, "a", 0.9, "m1", day)
     ]  # fmt: skip
+
+
+def test_task_groups_split_rows_by_part_list_chunk_and_slice():
+    import pyarrow as pa
+
+    keys = [("", 1, 0, 0), ("m2", 1, 0, 0), ("", 1, 0, 0), ("", 1, 1, 0), ("", 2, 0, 0),
+            ("", 1, 0, 1), ("m2", 1, 0, 0), ("", 2, 0, 0)]  # fmt: skip
+    table = pa.table(
+        {name: [key[i] for key in keys] for i, name in enumerate(neighbours.TASK_COLUMNS[:4])}
+    )
+
+    groups = neighbours._task_groups(table)
+
+    assert sorted(sorted(g.tolist()) for g in groups) == [[0, 2], [1, 6], [3], [4, 7], [5]]
