@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark import Broadcast, StorageLevel
@@ -150,7 +151,8 @@ def collect_sample(embeddings: DataFrame, *, size: int, num_listings: int, seed:
 
 
 def _assign(centroids: Broadcast, nprobe: int, allowed: Broadcast | None):
-    """mapInArrow: (part, rid, listing_id, vec) -> + list (home) and probes (nearest first)."""
+    """mapInArrow: (part, rid, listing_id, vec) -> + list (home) and probe_bytes (the probed
+    lists, nearest first, packed by ``neighbours.pack_ints``)."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import torch
@@ -184,19 +186,17 @@ def _assign(centroids: Broadcast, nprobe: int, allowed: Broadcast | None):
                     batch.column("rid"),
                     batch.column("listing_id"),
                     pa.array(probes[:, 0].numpy().astype(np.int32)),
-                    pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
                     neighbours.pack_ints(flat, offsets),
                     neighbours.pack_matrix(vectors),
                 ],
-                names=["part", "rid", "listing_id", "list", "probes", "probe_bytes", "vec"],
+                names=["part", "rid", "listing_id", "list", "probe_bytes", "vec"],
             )
 
     return run
 
 
 _ASSIGNED_SCHEMA = (
-    "part string, rid long, listing_id string, list int, probes array<int>, "
-    "probe_bytes binary, vec binary"
+    "part string, rid long, listing_id string, list int, probe_bytes binary, vec binary"
 )
 
 
@@ -285,17 +285,51 @@ def plan_summary(plans: Sequence[ListPlan]) -> dict:
     }
 
 
-def _list_counts(assigned: DataFrame) -> list[tuple[str, int, int, int]]:
-    rows = (
-        assigned.select("part", F.posexplode("probes").alias("pos", "list"))
-        .groupBy("part", "list")
-        .agg(
-            F.sum(F.when(F.col("pos") == 0, 1).otherwise(0)).alias("members"),
-            F.count(F.lit(1)).alias("routed"),
+def _count_probes(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """mapInArrow over assigned rows: per (part, list), the listings that probe it and how many
+    of them have it as their home list, summed over the partition."""
+    totals: dict[tuple[str, int], list[int]] = {}
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        probes = neighbours.unpack_ints(batch.column("probe_bytes"))
+        lengths = pc.list_value_length(probes).to_numpy(zero_copy_only=False)
+        lists = probes.flatten().to_numpy().astype(np.int64)
+        home = np.zeros(len(lists), np.int64)
+        home[np.cumsum(lengths) - lengths] = 1
+        part = pc.dictionary_encode(batch.column("part"))
+        codes = np.repeat(part.indices.to_numpy(zero_copy_only=False), lengths)
+        keys, inverse, probing = np.unique(
+            codes * (int(lists.max()) + 1) + lists, return_inverse=True, return_counts=True
         )
+        members = np.bincount(inverse, weights=home, minlength=len(keys))
+        names = part.dictionary.to_pylist()
+        for key, count, member in zip(keys, probing, members, strict=True):
+            code, list_ = divmod(int(key), int(lists.max()) + 1)
+            total = totals.setdefault((names[code], list_), [0, 0])
+            total[0] += int(member)
+            total[1] += int(count)
+    if totals:
+        (parts, lists_), values = zip(*totals.keys(), strict=True), list(totals.values())
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(parts, pa.string()), pa.array(lists_, pa.int32()),
+             pa.array([v[0] for v in values], pa.int64()),
+             pa.array([v[1] for v in values], pa.int64())],
+            names=["part", "list", "members", "probing"],
+        )  # fmt: skip
+
+
+def _list_counts(assigned: DataFrame) -> list[tuple[str, int, int, int]]:
+    """(part, list, members, listings of other lists probing it): counted in the Python
+    workers from the packed probes, so only parts x nlist rows reach Spark's aggregation."""
+    rows = (
+        assigned.select("part", "probe_bytes")
+        .mapInArrow(_count_probes, "part string, list int, members long, probing long")
+        .groupBy("part", "list")
+        .agg(F.sum("members").alias("members"), F.sum("probing").alias("probing"))
         .collect()
     )
-    return [(r.part, r.list, int(r.members), int(r.routed) - int(r.members)) for r in rows]
+    return [(r.part, r.list, int(r.members), int(r.probing) - int(r.members)) for r in rows]
 
 
 def _allowed_lists(base: DataFrame, centroids: Broadcast, nlist: int) -> dict[str, np.ndarray]:
@@ -531,12 +565,17 @@ def _search(
 ) -> DataFrame:
     """Home pass, search pass and merge: the ranked top k (lazy)."""
     spark = assigned.sparkSession
+    # From pandas, so Arrow carries it: a list of tuples would start Python workers to
+    # deserialise it, once per branch that joins it below (~2 s at 1M listings).
     plan_df = F.broadcast(
         spark.createDataFrame(
-            [(p.part, p.list, p.slices, p.home_chunks) for p in plans],
+            pd.DataFrame(
+                {"part": [p.part for p in plans], "list": [p.list for p in plans],
+                 "slices": [p.slices for p in plans], "h_chunks": [p.home_chunks for p in plans]}
+            ),
             "part string, list int, slices int, h_chunks int",
         )
-    )
+    )  # fmt: skip
     k, device = params.k, params.device
     # The high bits pick a listing's candidate slice, so slices do not follow query chunks
     # (rid modulo the chunks); ``_Router`` computes the same.

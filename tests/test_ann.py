@@ -99,6 +99,21 @@ def test_plan_splits_a_giant_list_into_bounded_tasks():
     assert summary["max_task_candidates"] == 5_000
 
 
+def test_probe_counts_give_members_and_probing_listings_per_part_and_list():
+    probes = [[3, 1], [3], [1, 3], [3, 1]]  # home list first
+    offsets = np.cumsum([0] + [len(p) for p in probes])
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(["a", "a", "a", "b"]),
+         neighbours.pack_ints(np.concatenate(probes), offsets)],
+        names=["part", "probe_bytes"],
+    )  # fmt: skip
+    # As two batches of one partition: the counts add up across them.
+    got = pa.Table.from_batches(list(ann._count_probes(iter([batch.slice(0, 2), batch.slice(2)]))))
+
+    rows = sorted(zip(*(got.column(c).to_pylist() for c in got.column_names), strict=True))
+    assert rows == [("a", 1, 1, 2), ("a", 3, 2, 3), ("b", 1, 0, 1), ("b", 3, 1, 1)]
+
+
 def test_top_candidates_keeps_scores_reaching_the_threshold_at_most_k_and_never_self():
     queries = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     angles = np.linspace(0, np.pi / 2, 7)
