@@ -325,8 +325,8 @@ def run_with_restarts(
 ) -> dict[str, Any]:
     """``run_distributed``, restarted from the latest epoch checkpoint when a rank dies.
 
-    Rank processes can die mid-epoch (preemption, a lost executor, and here: 2-rank DDP on CPU
-    intermittently aborts with heap corruption, see README). A restart resumes from the last
+    Rank processes can die mid-epoch (preemption, a lost executor; here 2-rank DDP on CPU used to
+    abort with heap corruption, see README). A restart resumes from the last
     checkpoint, which reaches the same weights as an uninterrupted run. ``max_restarts`` counts
     consecutive failures without a new checkpoint, so a long run is not given up for failures
     spread over many epochs.
@@ -376,7 +376,7 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         if rank == 0:
             _log(f"resumed from epoch {start_epoch} (step {step})")
 
-    net = _distributed(model, device, world)
+    net, sync_sparse = _distributed(model, device, world)
     dataset = ShardDataset(
         files,
         read_listing_features(Path(params.shards_dir) / "listing_features", config.num_listings),
@@ -414,6 +414,8 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
             sparse_opt.zero_grad(set_to_none=True)
             dense_opt.zero_grad(set_to_none=True)
             loss.backward()
+            if sync_sparse is not None:
+                sync_sparse()
             sparse_opt.step()
             dense_opt.step()
             step += 1
@@ -448,29 +450,90 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
     return metrics
 
 
-def _distributed(model: TwoTowerModel, device: torch.device, world: int) -> torch.nn.Module:
-    """The module the training loop calls: the model itself for one rank, else DDP.
+def _distributed(
+    model: TwoTowerModel, device: torch.device, world: int
+) -> tuple[torch.nn.Module, SparseGradientSync | None]:
+    """The module the training loop calls (the model itself for one rank, else DDP) and, with
+    several ranks, the step that averages the id tables' sparse gradients after ``backward``.
 
     With one rank there is nothing to synchronise and DDP's hooks and buckets are pure
-    overhead. With several, DDP all-reduces the dense gradients and the id tables' sparse ones
-    (only the batch's rows travel). On GPUs DDP talks over a gloo group: public NCCL builds have
-    no sparse all-reduce, and the dense gradients are small (feature embeddings and the MLP).
+    overhead. With several, DDP all-reduces the dense gradients (feature embeddings and the
+    MLP: small) and ignores the id tables, whose sparse gradients ``SparseGradientSync``
+    averages with dense all-gathers: 2-rank runs with DDP's own sparse all-reduce (gloo's)
+    intermittently corrupted the heap (README). On GPUs both talk over a gloo group: public
+    NCCL builds have no sparse all-reduce.
     """
     if world == 1:
-        return model
+        return model, None
     group = dist.new_group(backend="gloo") if device.type == "cuda" else None
-    return DistributedDataParallel(
+    sparse = {id(p) for p in model.sparse_parameters()}
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [name for name, p in model.named_parameters() if id(p) in sparse]
+    )
+    net = DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         process_group=group,
         # The model's buffers are constants derived from its config (feature-code offsets):
         # broadcasting them before every forward would add a collective per step.
         forward_sync_buffers=False,
-        # Not gradient_as_bucket_view=True: with the id tables' sparse gradients it corrupted
-        # the heap within ~1,000 steps at 2 ranks (`malloc(): unaligned tcache chunk`, SIGABRT in
-        # backward; `bench/train.py --configs 2x1`); without it 3 epochs ran clean.
+        # Not gradient_as_bucket_view=True: with the id tables' sparse gradients in DDP it
+        # corrupted the heap within ~1,000 steps at 2 ranks.
         gradient_as_bucket_view=False,
     )
+    sync = SparseGradientSync(model.sparse_parameters(), group)
+    sync.broadcast_from_rank_zero()
+    return net, sync
+
+
+class SparseGradientSync:
+    """Average sparse (COO, row-indexed) gradients across ranks: every rank all-gathers the
+    others' touched rows and values, padded to the largest count, and sums duplicates. The same
+    arithmetic as DDP's sparse all-reduce, through dense gloo collectives only."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group=None):
+        self.params = params
+        self.group = group
+
+    def broadcast_from_rank_zero(self) -> None:
+        """Start every rank from rank 0's tables, as DDP does for the parameters it manages."""
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p.data, src=0, group=self.group)
+
+    def __call__(self) -> None:
+        world = dist.get_world_size(self.group)
+        grads = [self._coalesced(p) for p in self.params]
+        counts = torch.tensor([g.indices().shape[1] for g in grads], dtype=torch.int64)
+        gathered = [torch.empty_like(counts) for _ in range(world)]
+        dist.all_gather(gathered, counts, group=self.group)
+        sizes = torch.stack(gathered)  # (world, params)
+        for i, (p, grad) in enumerate(zip(self.params, grads, strict=True)):
+            most = int(sizes[:, i].max())
+            rows = torch.zeros(most, dtype=torch.int64)
+            values = torch.zeros((most, *grad.shape[1:]), dtype=grad.dtype)
+            n = grad.indices().shape[1]
+            rows[:n] = grad.indices()[0].cpu()
+            values[:n] = grad.values().cpu()
+            all_rows = [torch.empty_like(rows) for _ in range(world)]
+            all_values = [torch.empty_like(values) for _ in range(world)]
+            dist.all_gather(all_rows, rows, group=self.group)
+            dist.all_gather(all_values, values, group=self.group)
+            keep = [int(c) for c in sizes[:, i]]
+            merged = torch.sparse_coo_tensor(
+                torch.cat([r[:c] for r, c in zip(all_rows, keep, strict=True)])[None],
+                torch.cat([v[:c] for v, c in zip(all_values, keep, strict=True)]) / world,
+                grad.shape,
+            )
+            p.grad = merged.coalesce().to(p.device)
+
+    @staticmethod
+    def _coalesced(p: torch.nn.Parameter) -> torch.Tensor:
+        if p.grad is None:  # no row of this table in the rank's batch
+            return torch.sparse_coo_tensor(
+                torch.empty((1, 0), dtype=torch.int64), torch.empty((0, *p.shape[1:])), p.shape
+            )
+        return p.grad.coalesce()
 
 
 def _epoch_summary(

@@ -383,3 +383,46 @@ def test_sparse_row_adam_refuses_dense_gradients():
     weight.grad = torch.ones(3, 2)
     with pytest.raises(RuntimeError, match="sparse gradients"):
         training.SparseRowAdam([weight]).step()
+
+
+def _sync_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # different tables per rank: the broadcast must align them
+    users = torch.nn.Embedding(6, 2, sparse=True)
+    listings = torch.nn.Embedding(5, 2, sparse=True)
+    sync = training.SparseGradientSync([users.weight, listings.weight])
+    sync.broadcast_from_rank_zero()
+    # Rank 0 touches users 1 (twice) and 3; rank 1 touches users 3 and 5. Only rank 0 uses the
+    # listings table, so rank 1 has no gradient for it.
+    ids = torch.tensor([1, 1, 3]) if rank == 0 else torch.tensor([3, 5])
+    loss = users(ids).sum() * (rank + 1)
+    if rank == 0:
+        loss = loss + 2 * listings(torch.tensor([4])).sum()
+    loss.backward()
+    sync()
+    torch.save(
+        {"users": users.weight.detach(), "listings": listings.weight.detach(),
+         "users_grad": users.weight.grad.to_dense(),
+         "listings_grad": listings.weight.grad.to_dense()},
+        f"{out_dir}/rank{rank}.pt",
+    )  # fmt: skip
+    dist.destroy_process_group()
+
+
+def test_sparse_gradient_sync_averages_rows_across_ranks(tmp_path):
+    torch.multiprocessing.spawn(
+        _sync_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    users = torch.zeros(6, 2)
+    users[1], users[3], users[5] = 2 / 2, (1 + 2) / 2, 2 / 2  # mean of the two ranks' sums
+    listings = torch.zeros(5, 2)
+    listings[4] = 2 / 2
+    for rank in got:
+        torch.testing.assert_close(rank["users_grad"], users)
+        torch.testing.assert_close(rank["listings_grad"], listings)
+    assert torch.equal(got[0]["users"], got[1]["users"])
+    assert torch.equal(got[0]["listings"], got[1]["listings"])
