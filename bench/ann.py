@@ -101,19 +101,6 @@ def recall_of(found: dict[str, list[float]], truth: np.ndarray, ids: list[str], 
     return ann.recall_from_scores(exact, found)
 
 
-def spark_found(top_k, ids: list[str], queries: np.ndarray) -> dict[str, list[float]]:
-    """The found scores of the query listings, from ranked lists (listing_id, scores)."""
-    from pyspark.sql import functions as F
-
-    spark = top_k.sparkSession
-    wanted = spark.createDataFrame([(ids[q],) for q in queries], "listing_id string")
-    return {
-        row.listing_id: list(row.scores)
-        for row in top_k.join(F.broadcast(wanted), "listing_id").select("listing_id", "scores")
-        .collect()
-    }  # fmt: skip
-
-
 def load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -135,7 +122,7 @@ def run_ivf(spark, path, n, ids, truth, queries, args, nprobe, dataset) -> dict:
     top_k = result.top_k.persist(StorageLevel.MEMORY_AND_DISK)
     rows = top_k.count()
     seconds = time.perf_counter() - started
-    recall = recall_of(spark_found(top_k, ids, queries), truth, ids, queries)
+    recall = recall_of(ann.found_scores(top_k, [ids[q] for q in queries]), truth, ids, queries)
     top_k.unpersist()
     result.release()
     embeddings.unpersist()
@@ -165,7 +152,9 @@ def run_exact(spark, path, n, ids, vectors, args, dataset) -> dict:
     top_k = top_k.persist(StorageLevel.MEMORY_AND_DISK)
     top_k.count()
     measured = time.perf_counter() - started
-    recall = recall_of(spark_found(top_k, ids, sub_queries), truth, ids, sub_queries)
+    recall = recall_of(
+        ann.found_scores(top_k, [ids[q] for q in sub_queries]), truth, ids, sub_queries
+    )
     top_k.unpersist()
     embeddings.unpersist()
     scale = (n / subset_n) ** 2
@@ -241,7 +230,7 @@ def run_lsh(spark, n, ids, vectors, args, dataset) -> dict:
     top_k.count()
     measured = time.perf_counter() - started
     as_lists = top_k.groupBy("listing_id").agg(F.collect_list("score").alias("scores"))
-    recall = recall_of(spark_found(as_lists, ids, queries), truth, ids, queries)
+    recall = recall_of(ann.found_scores(as_lists, [ids[q] for q in queries]), truth, ids, queries)
     top_k.unpersist()
     df.unpersist()
     scale = (n / subset_n) ** 2

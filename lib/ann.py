@@ -299,13 +299,14 @@ def _count_probes(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]
         home[np.cumsum(lengths) - lengths] = 1
         part = pc.dictionary_encode(batch.column("part"))
         codes = np.repeat(part.indices.to_numpy(zero_copy_only=False), lengths)
+        width = int(lists.max()) + 1
         keys, inverse, probing = np.unique(
-            codes * (int(lists.max()) + 1) + lists, return_inverse=True, return_counts=True
+            codes * width + lists, return_inverse=True, return_counts=True
         )
         members = np.bincount(inverse, weights=home, minlength=len(keys))
         names = part.dictionary.to_pylist()
         for key, count, member in zip(keys, probing, members, strict=True):
-            code, list_ = divmod(int(key), int(lists.max()) + 1)
+            code, list_ = divmod(int(key), width)
             total = totals.setdefault((names[code], list_), [0, 0])
             total[0] += int(member)
             total[1] += int(count)
@@ -358,7 +359,8 @@ METHODS = ("ivf", "exact")
 @dataclass
 class SearchResult:
     """The (lazy) ranked neighbour lists (``neighbours.RANKED_LISTS_SCHEMA``: listing_id,
-    neighbour_ids, scores, best first) and what the search decided (``info``: JSON-able, goes into stats and commit metadata).
+    neighbour_ids, scores, best first) and what the search decided (``info``: JSON-able, goes
+    into stats and commit metadata).
 
     Intermediate results that feed two later steps stay cached until ``release()``.
     """
@@ -694,7 +696,8 @@ def measure_recall(
     partition_col: str | None = None,
     device: str = "cpu",
 ) -> dict:
-    """Recall@k of ``top_k`` (ranked lists) against exact search for a deterministic sample of queries.
+    """Recall@k of ``top_k`` (ranked lists) against exact search for a deterministic sample of
+    queries.
 
     Runs Spark jobs and collects only the sample (queries, their exact and found neighbours).
     A found neighbour counts as a hit when it scores at least the exact k-th neighbour's score
@@ -728,14 +731,16 @@ def measure_recall(
     truth: dict[str, list[float]] = {}
     for row in exact.select("listing_id", "score").collect():
         truth.setdefault(row.listing_id, []).append(row.score)
-    wanted = spark.createDataFrame([(str(i),) for i in q_ids], "listing_id string")
-    found = {
-        row.listing_id: list(row.scores)
-        for row in top_k.join(F.broadcast(wanted), "listing_id").select("listing_id", "scores")
-        .collect()
-    }  # fmt: skip
+    found = found_scores(top_k, [str(i) for i in q_ids])
     queries_bc.destroy()
     return {"recall_at_k": recall_from_scores(truth, found), "recall_queries": len(q_ids)}
+
+
+def found_scores(top_k: DataFrame, listing_ids: Sequence[str]) -> dict[str, list[float]]:
+    """The neighbour scores ``top_k`` (ranked lists) holds for a few listings, collected."""
+    wanted = top_k.sparkSession.createDataFrame([(i,) for i in listing_ids], "listing_id string")
+    rows = top_k.join(F.broadcast(wanted), "listing_id").select("listing_id", "scores").collect()
+    return {row.listing_id: list(row.scores) for row in rows}
 
 
 def recall_from_scores(
@@ -772,17 +777,18 @@ def quality(
 
 
 def coverage(top_k: DataFrame, *, k: int, num_listings: int) -> dict:
-    """Runs one Spark job over ranked lists: share of listings with all ``k`` neighbours, listings with at least
-    one, and distinct neighbours as a share of the catalogue."""
-    found = F.size("neighbour_ids")
-    counts = top_k.agg(
-        F.sum(F.when(found >= k, 1).otherwise(0)).alias("full"),
-        F.sum(F.when(found >= 1, 1).otherwise(0)).alias("with_any"),
-    )
-    distinct = top_k.select(F.explode("neighbour_ids").alias("neighbour_id")).agg(
-        F.countDistinct("neighbour_id").alias("distinct_neighbours")
-    )
-    row = counts.crossJoin(distinct).first()
+    """Runs one Spark job over ranked lists: share of listings with all ``k`` neighbours,
+    listings with at least one, and distinct neighbours as a share of the catalogue."""
+    # One row per neighbour; a listing's first one (pos 0) stands for the listing.
+    first = F.col("pos") == 0
+    row = (
+        top_k.select(F.size("neighbour_ids").alias("found"),
+                     F.posexplode("neighbour_ids").alias("pos", "neighbour_id"))
+        .agg(F.sum(F.when(first & (F.col("found") >= k), 1).otherwise(0)).alias("full"),
+             F.sum(F.when(first, 1).otherwise(0)).alias("with_any"),
+             F.countDistinct("neighbour_id").alias("distinct_neighbours"))
+        .first()
+    )  # fmt: skip
     n = max(1, num_listings)
     return {
         "coverage": (row.full or 0) / n,
@@ -802,6 +808,7 @@ __all__ = [
     "coverage",
     "default_nlist",
     "default_sample_size",
+    "found_scores",
     "ivf_top_k",
     "measure_recall",
     "plan_lists",

@@ -78,9 +78,8 @@ LISTS_ARROW_SCHEMA = pa.schema(
      ("top_scores", pa.list_(pa.float32()))]
 )  # fmt: skip
 PACKED_LISTS_SCHEMA = "bucket int, payload binary"
-RANKED_SCHEMA = "listing_id string, neighbour_id string, rank int, score float"
 # A listing's top k as one row, best first (rank = position + 1): the search result's shape, a
-# twentieth of the rows that ``RANKED_SCHEMA`` takes.
+# twentieth of the rows that one row per neighbour takes (``ranked_rows``).
 RANKED_LISTS_SCHEMA = "listing_id string, neighbour_ids array<string>, scores array<float>"
 PACKED_SCHEMA = "part string, rid long, listing_id string, vec binary"
 
@@ -607,7 +606,8 @@ def merge_lists(packed: DataFrame, *, k: int, num_partitions: int) -> DataFrame:
 
 
 def ranked_rows(lists: DataFrame) -> DataFrame:
-    """``RANKED_LISTS_SCHEMA`` rows as ``RANKED_SCHEMA`` rows: one per (listing, neighbour)."""
+    """``RANKED_LISTS_SCHEMA`` rows as one row per (listing, neighbour): listing_id,
+    neighbour_id, rank (from 1), score."""
     return lists.select(
         "listing_id", "scores", F.posexplode("neighbour_ids").alias("pos", "neighbour_id")
     ).select(

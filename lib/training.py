@@ -531,7 +531,9 @@ class SparseGradientSync:
     def _coalesced(p: torch.nn.Parameter) -> torch.Tensor:
         if p.grad is None:  # no row of this table in the rank's batch
             return torch.sparse_coo_tensor(
-                torch.empty((1, 0), dtype=torch.int64), torch.empty((0, *p.shape[1:])), p.shape
+                torch.empty((1, 0), dtype=torch.int64),
+                torch.empty((0, *p.shape[1:]), dtype=p.dtype),
+                p.shape,
             )
         return p.grad.coalesce()
 

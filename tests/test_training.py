@@ -415,7 +415,7 @@ def test_sparse_gradient_sync_averages_rows_across_ranks(tmp_path):
     torch.multiprocessing.spawn(
         _sync_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
     )
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     users = torch.zeros(6, 2)
     users[1], users[3], users[5] = 2 / 2, (1 + 2) / 2, 2 / 2  # mean of the two ranks' sums
