@@ -37,10 +37,10 @@ NO_PART = ""
 CANDIDATE, QUERY, BOTH, PASS = 0, 1, 2, 3
 # Every cosine is >= -1; a threshold below that keeps every real candidate but never a masked one.
 _KEEP_ALL = -2.0
-# Score blocks are at most this many floats (4 MB): large enough for fast matrix products,
-# small enough that the allocator reuses the block instead of faulting in fresh pages (a 128 MB
-# block made the search pass ~1.4x slower).
-_SCORE_BLOCK = 1 << 20
+# Score blocks are at most this many floats (1 MB): large enough for fast matrix products, small
+# enough to stay in cache for the comparison and the ranking that read them next (4 MB blocks
+# made a search partition's scoring ~1.3x and a home partition ~1.15x slower; 128 MB ~1.4x more).
+_SCORE_BLOCK = 1 << 18
 # Rows per Spark partition where a stage collects whole partitions in a Python worker.
 ROWS_PER_PARTITION = 200_000
 
@@ -89,9 +89,12 @@ def default_num_blocks(num_listings: int, block_size: int = 4_000) -> int:
     return max(1, -(-num_listings // block_size))
 
 
-def partitions_for(rows: int, minimum: int) -> int:
-    """Spark partitions for a stage whose Python workers hold a whole partition."""
-    return max(minimum, -(-rows // ROWS_PER_PARTITION))
+def partitions_for(rows: int, parallelism: int) -> int:
+    """Spark partitions for a stage whose Python workers hold a whole partition: about
+    ``ROWS_PER_PARTITION`` rows each, in whole waves of ``parallelism`` tasks (5 home tasks on
+    2 cores left one core idle for a whole task)."""
+    waves = max(1, -(-rows // (ROWS_PER_PARTITION * parallelism)))
+    return waves * parallelism
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +230,8 @@ def pack_matrix(vectors: np.ndarray) -> pa.BinaryArray:
 
 
 def _self_positions(query_rids: np.ndarray, candidate_rids: np.ndarray):
-    """(query index, candidate index) pairs where a query meets itself among the candidates."""
+    """(query index, candidate index) pairs where a query meets itself among the candidates,
+    query indices ascending."""
     if len(candidate_rids) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     order = np.argsort(candidate_rids, kind="stable")
@@ -244,14 +248,14 @@ def _score_blocks(queries, candidates, query_rids, candidate_rids, device):
     # A (d, n) contiguous right-hand side: torch's CPU matmul is ~1.7x faster than with c.T.
     c_t = torch.from_numpy(np.ascontiguousarray(candidates.T)).to(device)
     step = max(1, _SCORE_BLOCK // max(1, len(candidates)))
+    self_rows, self_cols = _self_positions(query_rids, candidate_rids)
     for start in range(0, len(queries), step):
         q = torch.from_numpy(np.ascontiguousarray(queries[start : start + step])).to(device)
         scores = torch.mm(q, c_t)
-        rows, cols = _self_positions(query_rids[start : start + step], candidate_rids)
-        if len(rows):
-            scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = float(
-                "-inf"
-            )
+        first, last = np.searchsorted(self_rows, [start, start + step])
+        if last > first:
+            rows = torch.from_numpy(self_rows[first:last] - start).to(device)
+            scores[rows, torch.from_numpy(self_cols[first:last]).to(device)] = float("-inf")
         yield start, scores
 
 
@@ -266,12 +270,13 @@ def top_candidates(
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each query, the candidates scoring at least its threshold (NaN or -inf: none), at most
-    ``k``, never itself. Rows must be unit length. Returns (query index, candidate index, score).
+    ``k`` (its best), never itself. Rows must be unit length. Returns (query index, candidate
+    index, score).
 
-    Most (query, foreign list) pairs have no candidate above the query's threshold, so the cheap
-    comparison runs on every score and the costlier top-k only on the rows that need it. Rows
-    are counted from the (few) surviving positions: a row-wise sum over the boolean matrix
-    costs more than the matrix product itself.
+    Most (query, foreign list) pairs have few or no candidates above the query's threshold, so
+    the threshold comparison runs on every score and a ranking only where a query has more than
+    ``k``. The comparison and the positions run in numpy: torch's CPU comparison and
+    ``nonzero`` took ~3x as long, more than the matrix product.
     """
     import torch
 
@@ -280,21 +285,35 @@ def top_candidates(
         return out_q[0], out_c[0], np.empty(0, np.float32)
     taus = np.nan_to_num(np.asarray(thresholds, np.float32), nan=_KEEP_ALL, neginf=_KEEP_ALL)
     taus = np.maximum(taus, _KEEP_ALL)
+    width = len(candidates)
     for start, scores in _score_blocks(queries, candidates, query_rids, candidate_rids, device):
-        tau = torch.from_numpy(taus[start : start + len(scores)]).to(scores.device)
-        rows, cols = torch.nonzero(scores >= tau[:, None], as_tuple=True)
-        heavy = torch.bincount(rows, minlength=len(scores)) > k
-        if bool(heavy.any()):
-            light = ~heavy[rows]
-            rows, cols = rows[light], cols[light]
-            heavy_rows = torch.nonzero(heavy).squeeze(1)
-            values, top_cols = torch.topk(scores[heavy_rows], k, dim=1)
-            out_q.append((heavy_rows[:, None].expand(-1, k).reshape(-1) + start).cpu().numpy())
-            out_c.append(top_cols.reshape(-1).cpu().numpy())
-            out_s.append(values.reshape(-1).cpu().numpy())
-        out_q.append((rows + start).cpu().numpy())
-        out_c.append(cols.cpu().numpy())
-        out_s.append(scores[rows, cols].cpu().numpy())
+        block = scores.cpu().numpy()
+        hits = np.flatnonzero(block >= taus[start : start + len(block), None])
+        rows, cols = np.divmod(hits, width)
+        values = block[rows, cols]
+        counts = np.bincount(rows, minlength=len(block))
+        # Past an eighth of its candidates a query's top k is cheaper to rank in full.
+        full = (counts > k) & (counts * 8 > width)
+        if full.any():
+            full_rows = np.flatnonzero(full)
+            top_values, top_cols = torch.topk(torch.from_numpy(block[full_rows]), k, dim=1)
+            out_q.append(np.repeat(full_rows, k) + start)
+            out_c.append(top_cols.numpy().reshape(-1))
+            out_s.append(top_values.numpy().reshape(-1))
+            rest = ~full[rows]
+            rows, cols, values = rows[rest], cols[rest], values[rest]
+        crowded = counts[rows] > k
+        if crowded.any():
+            # The best k of each query's (few) hits: by query, then score descending.
+            many = np.flatnonzero(crowded)
+            order = many[np.lexsort((-values[many], rows[many]))]
+            ordered = rows[order]
+            ranks = np.arange(len(order)) - np.searchsorted(ordered, ordered, side="left")
+            keep = np.concatenate([np.flatnonzero(~crowded), order[ranks < k]])
+            rows, cols, values = rows[keep], cols[keep], values[keep]
+        out_q.append(rows + start)
+        out_c.append(cols)
+        out_s.append(values)
     return (
         np.concatenate(out_q).astype(np.int64),
         np.concatenate(out_c).astype(np.int64),
@@ -357,7 +376,7 @@ def _prepare_worker(device: str) -> str:
 
 
 def _load_partition(batches: Iterator[pa.RecordBatch]):
-    """The partition's task rows (packed ones unpacked) as one table, unit vectors, row ids,
+    """The partition's task rows (packed ones unpacked) as one table, their vectors, row ids,
     per-task (query rows, candidate rows) index pairs and the PASS tables; None for an empty
     partition."""
     batches = [b for b in batches if b.num_rows]
@@ -377,7 +396,8 @@ def _load_partition(batches: Iterator[pa.RecordBatch]):
         table = table.drop_columns(["payload"])
     if table.num_rows == 0:
         return table, np.empty((0, 0), np.float32), np.empty(0, np.int64), [], passed
-    vectors = unit_rows(vector_matrix(table.column("vec")))
+    # Task rows carry unit vectors already (``packed_rows``, ``lib.ann.assign_lists``).
+    vectors = vector_matrix(table.column("vec"))
     role = table.column("role").to_numpy(zero_copy_only=False)
     rids = table.column("rid").to_numpy(zero_copy_only=False)
     tasks = [

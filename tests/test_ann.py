@@ -132,6 +132,38 @@ def test_top_candidates_keeps_scores_reaching_the_threshold_at_most_k_and_never_
     assert np.all(scores <= 1.0 + 1e-6)
 
 
+def test_top_candidates_match_a_brute_force_reference_across_score_blocks(monkeypatch):
+    # Small score blocks: queries meet themselves in later blocks, and every path runs: queries
+    # with none, a few (<= k), more than k of few (ranked among hits) and most candidates
+    # reaching their threshold (ranked in full).
+    monkeypatch.setattr(neighbours, "_SCORE_BLOCK", 1_000)
+    rng = np.random.default_rng(3)
+    queries = neighbours.unit_rows(rng.normal(size=(60, 8)))
+    candidates = np.concatenate([queries[::3], neighbours.unit_rows(rng.normal(size=(180, 8)))])
+    query_rids = np.arange(60, dtype=np.int64)
+    candidate_rids = np.concatenate([query_rids[::3], 1_000 + np.arange(180)])
+    thresholds = rng.choice([0.99, 0.75, 0.6, 0.3, -np.inf, np.nan], size=60).astype(np.float32)
+    k = 4
+
+    qi, ci, scores = neighbours.top_candidates(
+        queries, candidates, k=k, thresholds=thresholds, query_rids=query_rids,
+        candidate_rids=candidate_rids,
+    )  # fmt: skip
+
+    expected = set()
+    all_scores = queries @ candidates.T
+    for q in range(60):
+        tau = -2.0 if np.isnan(thresholds[q]) or np.isneginf(thresholds[q]) else thresholds[q]
+        hits = [c for c in range(len(candidates))
+                if candidate_rids[c] != query_rids[q] and all_scores[q, c] >= tau]  # fmt: skip
+        expected |= {(q, c) for c in sorted(hits, key=lambda c: -all_scores[q, c])[:k]}
+    assert set(zip(qi.tolist(), ci.tolist(), strict=True)) == expected
+    assert len(qi) == len(expected)
+    np.testing.assert_allclose(scores, all_scores[qi, ci], rtol=0, atol=1e-5)
+    counts = np.bincount(qi, minlength=60)
+    assert {0, k} <= set(counts.tolist()) and any(0 < c < k for c in counts)
+
+
 def test_best_k_reports_missing_entries_as_minus_infinity():
     vectors = np.eye(3, dtype=np.float32)
     index, best = neighbours.best_k(
