@@ -92,3 +92,12 @@ def test_task_groups_split_rows_by_part_list_chunk_and_slice():
     groups = neighbours._task_groups(table)
 
     assert sorted(sorted(g.tolist()) for g in groups) == [[0, 2], [1, 6], [3], [4, 7], [5]]
+
+
+def test_partitions_come_in_whole_waves_of_the_cores():
+    per = neighbours.ROWS_PER_PARTITION
+    assert neighbours.partitions_for(0, 2) == 2
+    assert neighbours.partitions_for(2 * per, 2) == 2
+    # 5 partitions' worth of rows on 2 cores: 6, not 5 (the fifth would run alone).
+    assert neighbours.partitions_for(5 * per, 2) == 6
+    assert neighbours.partitions_for(5 * per, 8) == 8
