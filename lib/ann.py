@@ -32,7 +32,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark import Broadcast, StorageLevel
@@ -567,15 +566,16 @@ def _search(
 ) -> DataFrame:
     """Home pass, search pass and merge: the ranked top k (lazy)."""
     spark = assigned.sparkSession
-    # From pandas, so Arrow carries it: a list of tuples would start Python workers to
-    # deserialise it, once per branch that joins it below (~2 s at 1M listings).
+    # From an Arrow table: a list of tuples would start Python workers to deserialise it, once
+    # per branch that joins it below (~2 s at 1M listings).
     plan_df = F.broadcast(
         spark.createDataFrame(
-            pd.DataFrame(
-                {"part": [p.part for p in plans], "list": [p.list for p in plans],
-                 "slices": [p.slices for p in plans], "h_chunks": [p.home_chunks for p in plans]}
-            ),
-            "part string, list int, slices int, h_chunks int",
+            pa.table(
+                {"part": pa.array([p.part for p in plans], pa.string()),
+                 "list": pa.array([p.list for p in plans], pa.int32()),
+                 "slices": pa.array([p.slices for p in plans], pa.int32()),
+                 "h_chunks": pa.array([p.home_chunks for p in plans], pa.int32())}
+            )
         )
     )  # fmt: skip
     k, device = params.k, params.device
@@ -673,8 +673,7 @@ def _keep_best(best, best_ids, queries, ids, scores) -> None:
     k = best.shape[1]
     order = np.lexsort((-scores, queries))
     queries, ids, scores = queries[order], ids[order], scores[order]
-    first = np.searchsorted(queries, queries, side="left")
-    slot = np.arange(len(queries)) - first
+    slot = neighbours.positions_in_runs(queries)
     fresh = np.full_like(best, -np.inf)
     fresh_ids = np.full(best_ids.shape, None, dtype=object)
     fresh[queries, slot] = scores

@@ -229,6 +229,14 @@ def pack_matrix(vectors: np.ndarray) -> pa.BinaryArray:
 # --------------------------------------------------------------------------------------------
 
 
+def positions_in_runs(keys: np.ndarray) -> np.ndarray:
+    """Each element's position (from 0) within its run of equal values; ``keys`` sorted."""
+    position = np.arange(len(keys))
+    starts = np.ones(len(keys), bool)
+    starts[1:] = keys[1:] != keys[:-1]
+    return position - np.maximum.accumulate(np.where(starts, position, 0))
+
+
 def _self_positions(query_rids: np.ndarray, candidate_rids: np.ndarray):
     """(query index, candidate index) pairs where a query meets itself among the candidates,
     query indices ascending."""
@@ -307,9 +315,9 @@ def top_candidates(
             # The best k of each query's (few) hits: by query, then score descending.
             many = np.flatnonzero(crowded)
             order = many[np.lexsort((-values[many], rows[many]))]
-            ordered = rows[order]
-            ranks = np.arange(len(order)) - np.searchsorted(ordered, ordered, side="left")
-            keep = np.concatenate([np.flatnonzero(~crowded), order[ranks < k]])
+            keep = np.concatenate(
+                [np.flatnonzero(~crowded), order[positions_in_runs(rows[order]) < k]]
+            )
             rows, cols, values = rows[keep], cols[keep], values[keep]
         out_q.append(rows + start)
         out_c.append(cols)
@@ -585,10 +593,8 @@ def _rank_lists(table: pa.Table, k: int) -> pa.Table:
         [("code", "ascending"), ("score", "descending"), ("neighbour_id", "ascending")]
     )
     code = flat["code"].to_numpy()
-    starts = np.ones(len(code), bool)
-    starts[1:] = code[1:] != code[:-1]
-    position = np.arange(len(code))
-    rank = position - np.maximum.accumulate(np.where(starts, position, 0)) + 1
+    rank = positions_in_runs(code) + 1
+    starts = rank == 1
     keep = rank <= k
     # A listing's first row (rank 1) is always kept, so its list starts there among kept rows.
     offsets = pa.array(np.append(np.flatnonzero(starts[keep]), keep.sum()).astype(np.int32))
