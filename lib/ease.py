@@ -13,8 +13,9 @@ regression coefficient fitted against all other listings at once, so co-occurren
 listings already explain counts less; scores can be negative.
 
 Why on the driver: ``P`` is the inverse of a dense m × m matrix (m = listings with
-interactions), which Spark has no distributed form of, and for a small catalogue (``max_items`` = 10,000: an 800 MB float64 matrix, an inversion or eigendecomposition
-of seconds to minutes) one machine does it faster than any shuffle. Spark only builds the sparse
+interactions), which Spark has no distributed form of, and for a small catalogue
+(``max_items`` = 10,000: an 800 MB float64 matrix, an inversion or eigendecomposition of
+seconds to minutes) one machine does it faster than any shuffle. Spark only builds the sparse
 co-counts (``gram_entries``), whose rows are bounded by m²; larger catalogues are skipped with a
 reason instead of run, since the cost grows as m² memory and m³ time.
 """
