@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 
-.PHONY: install demo test test-fast lint format package eval-insideairbnb test-cluster airflow-venv \
+.PHONY: install demo test test-fast lint format package quality test-cluster airflow-venv \
 	airflow-check airflow-dags-test clean
 
 install: $(VENV)/.installed
@@ -42,11 +42,13 @@ format: install
 package: install
 	$(BIN)/python deploy/package.py --wheel --env
 
-# Model vs every baseline on real data (Inside Airbnb, Albany NY): import, all stages, evaluate.
-# Last line: JSON with hit_rate_at_10 (all/warm/cold) and mrr_at_10 per method.
-AIRBNB_DATA ?= ../shared/data/insideairbnb
-eval-insideairbnb: install
-	$(BIN)/python bench/eval_baselines.py insideairbnb --data $(AIRBNB_DATA)
+# The published lists vs every baseline on every data set found (generated marketplace, Inside
+# Airbnb Albany and Barossa Valley, Online Retail): the whole pipeline per set, then hit-rate@10
+# all/warm/cold, MRR@10 and a paired user-bootstrap interval vs the model per method.
+# Last line: JSON {set: {method: {...}}}. E.g. QUALITY_ARGS='--sets albany'.
+QUALITY_ARGS ?=
+quality: install
+	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
 
 # Every stage spark-submitted to a real standalone cluster (master + worker on 127.0.0.1) with
 # the packaged environment; training on executors. Last line: JSON (master, executors, ...).

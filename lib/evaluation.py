@@ -24,7 +24,7 @@ from schemas import listing_neighbours
 KS = (5, 10, 20)
 # The list length used for coverage, popularity bias, coherence and stability.
 SUMMARY_K = 10
-# The numbers the README table and `make eval-insideairbnb` report per method.
+# The numbers the README table and `make quality` (bench/quality.py) report per method.
 HEADLINE = ("hit_rate_at_10", "hit_rate_at_10_warm", "hit_rate_at_10_cold", "mrr_at_10")
 METHOD_ORDER = ("model", "cooccurrence", "als", "content", "popularity", "random")
 
