@@ -37,6 +37,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardArgs:
     p.add_argument("--run-date", required=True, type=dt.date.fromisoformat)
     p.add_argument("--lookback-days", type=int, default=90)
     p.add_argument("--holdout-days", type=int, default=2)
+    p.add_argument(
+        "--validation-days", type=int, help="days before the holdout that choices are made on "
+        "(default: as many as --holdout-days)"
+    )
     p.add_argument("--event-weights", type=_weights, default=_weights("view=1,save=3,contact=5"))
     p.add_argument("--half-life-days", type=float, default=21.0)
     p.add_argument("--max-events-per-user-day", type=int, default=300, help="bot ceiling")
@@ -48,6 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardArgs:
         run_date=a.run_date,
         lookback_days=a.lookback_days,
         holdout_days=a.holdout_days,
+        validation_days=a.validation_days,
         event_weights=a.event_weights,
         half_life_days=a.half_life_days,
         max_events_per_user_day=a.max_events_per_user_day,

@@ -1,5 +1,7 @@
-"""Stage 4: top-k cosine neighbours of every active listing (IVF or exact), recall measured on a
-sample, quality gate, then one Delta commit replacing the run_date partition; old runs retired."""
+"""Stage 4: every active listing's top-k similar listings, blended from its model neighbours
+(IVF or exact search, recall measured on a sample), content neighbours and co-interaction
+partners with weights chosen on the validation split; quality gate, then one Delta commit
+replacing the run_date partition; old runs retired."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
-from lib import ann, delta_io, neighbours, quality_gate
+from lib import ann, delta_io, neighbours, quality_gate, similarity
+from lib.parquet_io import write_json
 from lib.session import build_session
 from schemas import listing_embeddings, listing_neighbours, listings
 
@@ -23,8 +26,11 @@ class NeighbourArgs:
     embeddings: str
     table: str
     run_date: dt.date
+    shards: str = ""
     method: str = "ivf"
     k: int = 20
+    candidates: int = 50
+    validation_queries: int = 4000
     nlist: int | None = None
     nprobe: int = 16
     num_blocks: int | None = None
@@ -46,8 +52,12 @@ def parse_args(argv: Sequence[str] | None = None) -> NeighbourArgs:
     add("--embeddings", required=True, help="listing_embeddings Delta table path")
     add("--table", required=True, help="listing_neighbours Delta table path")
     add("--run-date", required=True, type=dt.date.fromisoformat)
+    add("--shards", required=True, help="the run's shards: features, co-interactions, validation")
     add("--method", choices=ann.METHODS, default=d.method, help="exact: blockwise brute force")
     add("--k", type=int, default=d.k)
+    add("--candidates", type=int, default=d.candidates, help="per component, blended into k")
+    add("--validation-queries", type=int, default=d.validation_queries,
+        help="validation query listings sampled to choose the blend")  # fmt: skip
     add("--nlist", type=int, help="IVF lists (default: about sqrt(listings))")
     add("--nprobe", type=int, default=d.nprobe, help="IVF lists searched per listing")
     add("--num-blocks", type=int, help="exact: blocks (default: listings / 4000)")
@@ -71,6 +81,8 @@ def run(spark: SparkSession, args: NeighbourArgs) -> dict:
     started = time.perf_counter()
     day = {"run_date": args.run_date.isoformat()}
     embeddings = delta_io.read_table(spark, args.embeddings, listing_embeddings.SPEC, partition=day)
+    shards = similarity.ShardInputs.read(spark, args.shards)
+    snapshot = None
     if args.partition_key:
         snapshot = delta_io.read_input(spark, args.listings, listings.SPEC)
         embeddings = ann.with_partition_key(embeddings, snapshot, args.partition_key)
@@ -80,31 +92,48 @@ def run(spark: SparkSession, args: NeighbourArgs) -> dict:
         raise ValueError(f"table '{listing_embeddings.SPEC.name}': {n} listings for "
                          f"{args.run_date}, need more than k={args.k} to publish neighbours")  # fmt: skip
     model_version = embeddings.select("model_version").first()[0]
-    params = ann.IvfParams(k=args.k, nlist=args.nlist, nprobe=args.nprobe, device=args.device)
+    width = max(args.candidates, args.k)
+    params = ann.IvfParams(k=width, nlist=args.nlist, nprobe=args.nprobe, device=args.device)
     found = ann.search(embeddings, method=args.method, params=params, num_listings=n,
                        partition_col=args.partition_key, num_blocks=args.num_blocks)  # fmt: skip
-    top_k = found.top_k.persist(StorageLevel.MEMORY_AND_DISK)
+    model_lists = found.top_k.persist(StorageLevel.MEMORY_AND_DISK)
+    content = similarity.content_search(shards, embeddings, params=params, method=args.method,
+                                        num_listings=n, partition_key=args.partition_key,
+                                        snapshot=snapshot)  # fmt: skip
     try:
-        quality = ann.quality(embeddings, top_k, k=args.k, num_listings=n,
-                              recall_sample=args.recall_sample, partition_col=args.partition_key,
-                              device=args.device)  # fmt: skip
+        choice = similarity.choose(shards, embeddings, content.top_k, model_lists, cf_limit=width,
+                                   max_queries=args.validation_queries, seed=7,
+                                   partition_key=args.partition_key, snapshot=snapshot)  # fmt: skip
+        write_json(similarity.validation_path(args.shards), choice)
+        similarity.write_components(content.top_k, model_lists, args.shards, k=args.k)
+        published_lists = similarity.publish_lists(
+            shards, embeddings, content.top_k, model_lists, choice, k=args.k, cf_limit=width,
+            partition_key=args.partition_key, snapshot=snapshot,
+        ).persist(StorageLevel.MEMORY_AND_DISK)  # fmt: skip
+        quality = ann.coverage(published_lists, k=args.k, num_listings=n) | ann.measure_recall(
+            embeddings, model_lists, k=width, sample_size=args.recall_sample,
+            partition_col=args.partition_key, device=args.device)  # fmt: skip
         published = quality_gate.publish(
-            neighbours.to_neighbours_table(top_k, model_version=model_version, run_date=args.run_date),
+            neighbours.to_neighbours_table(published_lists, model_version=model_version,
+                                           run_date=args.run_date),
             args.table, listing_neighbours.SPEC, metrics=quality,
             config=quality_gate.GateConfig(args.min_recall, args.max_coverage_drop),
             replace_partition=day, sort_within_files_by=("listing_id", "rank"),
             keep_last=args.retain_runs, vacuum_hours=args.vacuum_hours,
             commit_metadata={"run_id": args.run_id, "model_version": model_version,
-                             "method": found.method, "k": args.k, "listings": n, **found.info,
+                             "method": f"blend+{found.method}", "k": args.k, "listings": n,
+                             **found.info, "blend": similarity.summary(choice),
                              "parameters": {k: str(v) for k, v in asdict(args).items()}},
         )  # fmt: skip
     finally:
-        top_k.unpersist()
+        for cached in (model_lists, embeddings):
+            cached.unpersist()
         found.release()
-        embeddings.unpersist()
+        content.release()
     return {"stage": "neighbours", "table": args.table, "model_version": model_version,
             "listings": n, "k": args.k, "method": found.method, "nlist": found.info.get("nlist"),
             "nprobe": found.info.get("nprobe"), **quality, **published,
+            "validation": similarity.summary(choice),
             "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""Stage 5: the run's neighbours and five baselines scored on the holdout -> metrics.json, report."""
+"""Stage 5: the published neighbours and every baseline (tuned on validation) scored on the
+holdout -> metrics.json, report."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from lib import baselines, delta_io, evaluation, report
-from lib.parquet_io import read_json, read_parquet, write_json
+from lib import baselines, delta_io, evaluation, report, scorecard, similarity
+from lib.parquet_io import read_parquet, write_json, write_parquet
 from lib.session import build_session
 from schemas import listings
 from schemas import training_examples as te
@@ -29,7 +30,8 @@ class EvaluateArgs:
     run_date: dt.date
     out: str
     k: int = 20
-    baselines: tuple[str, ...] = baselines.BASELINES
+    baselines: tuple[str, ...] = scorecard.METHODS
+    coverage_sample: int = 2000
     seed: int = 7
     run_id: str | None = None
     stage_seconds: dict[str, float] | None = None
@@ -42,7 +44,18 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateArgs:
         p.add_argument(f"--{flag}", required=True, help="see jobs/pipeline.py stage_argv")
     p.add_argument("--run-date", required=True, type=dt.date.fromisoformat)
     p.add_argument("--k", type=int, default=20, help="list length of the baselines")
-    p.add_argument("--baselines", type=lambda s: tuple(s.split(",")), default=baselines.BASELINES)
+    p.add_argument(
+        "--baselines",
+        type=lambda s: tuple(s.split(",")),
+        default=scorecard.METHODS,
+        help=f"comma-separated, of {','.join(scorecard.METHODS)}",
+    )
+    p.add_argument(
+        "--coverage-sample",
+        type=int,
+        default=2000,
+        help="listings sampled beside the held-out queries for coverage",
+    )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--run-id")
     p.add_argument("--stage-seconds", type=json.loads, help='{"stage": seconds} for the report')
@@ -52,33 +65,87 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateArgs:
 
 def run(spark: SparkSession, args: EvaluateArgs) -> dict:
     started, shards, out = time.perf_counter(), Path(args.shards), Path(args.out)
-    features = read_parquet(spark, shards / "listing_features", te.LISTING_FEATURES_SPEC)
-    examples = read_parquet(spark, shards / "train", te.SPEC)
-    snapshot = delta_io.read_input(spark, args.listings, listings.SPEC)
+    inputs = similarity.ShardInputs.read(spark, args.shards)
+    features = inputs.listing_features
+    choice = similarity.read_validation(args.shards)
+    if choice is None:
+        raise FileNotFoundError(
+            f"no {similarity.VALIDATION_FILE} beside {shards}: the "
+            "neighbours stage chooses the blend and runs before evaluate"
+        )
+    holdout = read_parquet(spark, shards / "holdout", te.HOLDOUT_SPEC)
+    work = shards.parent / "evaluation"
+    pairs = evaluation.label_pairs(
+        evaluation.holdout_pairs(holdout), features, history=inputs.full_examples
+    )
+    write_parquet(pairs, work / "holdout_pairs", te.PAIRS_SPEC)
+    pairs = read_parquet(spark, work / "holdout_pairs", te.PAIRS_SPEC)
+    validation_pairs = evaluation.label_pairs(
+        evaluation.holdout_pairs(inputs.validation_events), features
+    )
+    queries = scorecard.evaluation_queries(
+        pairs, features, sample=args.coverage_sample, seed=args.seed
+    ).persist()
     current, previous, before = evaluation.published_lists(spark, args.neighbours, args.run_date)
-    lists = baselines.write_baselines(
-        spark, examples, features, read_json(shards / "manifest.json")["cardinalities"],
-        shards.parent / "evaluation", k=args.k, seed=args.seed, methods=args.baselines,
-    )  # fmt: skip
-    lists["model"] = current
-    metrics = evaluation.collect_metrics(evaluation.evaluate_lists(
-        lists, holdout=read_parquet(spark, shards / "holdout", te.HOLDOUT_SPEC),
-        listing_features=features, popularity=baselines.listing_popularity(examples, features),
-        snapshot=snapshot, previous=previous))  # fmt: skip
+    lists, tuned = scorecard.build_lists(
+        inputs,
+        choice,
+        current,
+        queries=queries,
+        validation_pairs=validation_pairs,
+        components=similarity.components_path(args.shards),
+        k=args.k,
+        seed=args.seed,
+        methods=args.baselines,
+    )
+    stored = {}
+    for name, df in lists.items():
+        write_parquet(df, work / name, baselines.RANKED_SPEC)
+        stored[name] = read_parquet(spark, work / name, baselines.RANKED_SPEC)
+    metrics = evaluation.collect_metrics(
+        evaluation.evaluate_lists(
+            stored,
+            pairs=pairs,
+            listing_features=features,
+            popularity=baselines.listing_popularity(inputs.full_examples, features),
+            snapshot=delta_io.read_input(spark, args.listings, listings.SPEC),
+            previous=previous,
+            queries=queries,
+        )
+    )
+    queries.unpersist()
+    validation = {"blend": choice, **tuned}
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", {"run_date": args.run_date, "run_id": args.run_id,
-                                      "previous_run_date": before, "metrics": metrics})  # fmt: skip
+    write_json(
+        out / "metrics.json",
+        {
+            "run_date": args.run_date,
+            "run_id": args.run_id,
+            "previous_run_date": before,
+            "metrics": metrics,
+            "validation": validation,
+        },
+    )
     page = args.report and report.report_for_run(
-        spark, embeddings_table=args.embeddings, neighbours_table=args.neighbours,
-        model_dir=args.model, run_date=args.run_date, snapshot=snapshot,
-        listing_features=features, metrics=metrics, out_path=str(out / "report.html"),
-        run_id=args.run_id, stage_seconds=args.stage_seconds,
-    )  # fmt: skip
+        spark,
+        embeddings_table=args.embeddings,
+        neighbours_table=args.neighbours,
+        model_dir=args.model,
+        run_date=args.run_date,
+        snapshot=delta_io.read_input(spark, args.listings, listings.SPEC),
+        listing_features=features,
+        metrics=metrics,
+        out_path=str(out / "report.html"),
+        run_id=args.run_id,
+        stage_seconds=args.stage_seconds,
+        validation=validation,
+    )
     return {
         "stage": "evaluate",
         "report": page or None,
         "headline": evaluation.headline(metrics),
-        "metrics": evaluation.flatten(metrics),
+        "metrics": {**evaluation.flatten(metrics), **scorecard.flatten_validation(validation)},
+        "validation": scorecard.validation_summary(validation),
         "seconds": round(time.perf_counter() - started, 2),
     }
 

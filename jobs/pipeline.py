@@ -49,6 +49,9 @@ class PipelineArgs:
     lookback_days: int = 90
     holdout_days: int = 2
     half_life_days: float = 21.0
+    # The days before the holdout that the blend and the baselines are chosen on (0: as many
+    # as holdout_days).
+    validation_days: int = 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
@@ -64,6 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
         ("seed", 7),
         ("lookback-days", 90),
         ("holdout-days", 2),
+        ("validation-days", 0),
     ):
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--half-life-days", type=float, default=21.0)
@@ -80,6 +84,8 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
                    "--out", shards, "--run-date", day, "--seed", str(args.seed),
                    "--lookback-days", str(args.lookback_days),
                    "--holdout-days", str(args.holdout_days),
+                   *(["--validation-days", str(args.validation_days)]
+                     if args.validation_days else []),
                    "--half-life-days", str(args.half_life_days),
                    *(["--previous-shards", previous] if previous else [])],
         "train": ["--shards", shards, "--out", model_dir, "--epochs", str(args.epochs),
@@ -88,7 +94,7 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
         "embeddings": ["--shards", shards, "--model", f"{model_dir}/model.pt",
                        "--table", layout.table("listing_embeddings"), "--run-date", day,
                        "--model-version", model_version, "--run-id", run_id],
-        "neighbours": ["--embeddings", layout.table("listing_embeddings"),
+        "neighbours": ["--embeddings", layout.table("listing_embeddings"), "--shards", shards,
                        "--table", layout.table("listing_neighbours"), "--run-date", day,
                        "--k", str(args.k), "--run-id", run_id],
         "evaluate": ["--shards", shards, "--listings", layout.listings,

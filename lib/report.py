@@ -66,6 +66,8 @@ class ReportData:
     summary: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABELS))
     notes: list[str] = field(default_factory=list)
+    # What the validation split chose: the blend (``lib.blend``) and the tuned baselines.
+    validation: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +252,7 @@ def report_for_run(
     title: str = "Listing similarity",
     labels: Mapping[str, str] | None = None,
     notes: Sequence[str] = (),
+    validation: Mapping[str, Any] | None = None,
 ) -> str:
     """Read one run's tables and artifacts, render its page to ``out_path``; return the path."""
     day = {"run_date": run_date.isoformat()}
@@ -300,6 +303,7 @@ def report_for_run(
         labels=labels,
         notes=notes,
     )
+    data.validation = dict(validation or {})
     return write_report(out_path, render_report(data))
 
 
@@ -628,6 +632,48 @@ table.metrics tr.model{background:#eef5ff}table.metrics tr th:first-child{text-a
 """
 
 
+def _validation_section(validation: Mapping[str, Any]) -> str:
+    """The blend's weights per support group and what each choice scored on validation."""
+    blend = validation.get("blend") or {}
+    rows = []
+    by_group = blend.get("hit_rate_at_10_by_group") or {}
+    for group, weights in (blend.get("weights") or {}).items():
+        scores = by_group.get(group) or {}
+        cells = "".join(f"<td>{_format(w, 1)}</td>" for w in weights.values())
+        hits = "".join(
+            f"<td>{_format(scores.get(c))}</td>"
+            for c in ("blend", "cointeraction", "content", "model")
+        )
+        pairs = (blend.get("pairs_by_group") or {}).get(group)
+        rows.append(
+            f"<tr><th>{html.escape(group)}</th>{cells}<td>{_format(pairs, 0)}</td>{hits}</tr>"
+        )
+    components = list(next(iter((blend.get("weights") or {}).values()), {}))
+    header = "".join(f"<th>w {html.escape(c)}</th>" for c in components)
+    table = (
+        f"<table class='metrics'><tr><th>support group</th>{header}<th>pairs</th>"
+        "<th>hit@10 blend</th><th>co-interaction</th><th>content</th><th>model</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+    chosen = []
+    for name in ("itemknn", "rp3beta", "als", "ease"):
+        entry = validation.get(name) or {}
+        value = entry.get("skipped") or entry.get("chosen")
+        if value is not None:
+            chosen.append(f"<li>{html.escape(name)}: {html.escape(json.dumps(value))}</li>")
+    variant = (blend.get("variant") or {}).get("name", "?")
+    return (
+        "<h2>What validation chose</h2><p>Every choice is made on the days before the holdout, "
+        "with components fitted without them. The published score of a listing's neighbour is "
+        f"the weighted sum of standardised component scores; co-interaction is {html.escape(variant)}. "
+        f"Validation pairs: {_format(blend.get('pairs'), 0)} of {_format(blend.get('queries'), 0)} "
+        "sampled query listings.</p>"
+        + table
+        + (f"<p>Baselines as tuned on validation:</p><ul>{''.join(chosen)}</ul>" if chosen else "")
+    )
+
+
 def render_report(data: ReportData) -> str:
     """The whole page as one HTML string (images inline)."""
     labels = data.labels
@@ -660,6 +706,8 @@ def render_report(data: ReportData) -> str:
             + verdict
             + _img(_hit_rate_figure(data.metrics), "hit rates")
         )
+    if data.validation:
+        sections.append(_validation_section(data.validation))
     if len(data.points) >= 3:
         vectors = np.stack(data.points["embedding"].map(np.asarray).to_list()).astype(float)
         coords = pca(vectors)

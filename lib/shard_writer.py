@@ -16,7 +16,7 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from lib import features, shards, validation
+from lib import cointeraction, evaluation, features, shards, validation
 from lib.parquet_io import StagedDirectory, parquet_files, read_parquet, write_json, write_parquet
 from lib.session import uncompressed_cache
 from schemas import interactions, training_examples
@@ -29,6 +29,8 @@ class ShardParams:
     run_date: dt.date
     lookback_days: int = 90
     holdout_days: int = 2
+    # The days before the holdout that every choice is made on (None: as many as holdout_days).
+    validation_days: int | None = None
     event_weights: tuple[tuple[str, float], ...] = (("view", 1.0), ("save", 3.0), ("contact", 5.0))
     half_life_days: float = 21.0
     max_events_per_user_day: int = 300
@@ -36,6 +38,13 @@ class ShardParams:
     seed: int = 7
     # Above this many listings, listing-side lookups are shuffle joins instead of broadcasts.
     broadcast_max_listings: int = 2_000_000
+    # Co-interaction statistics: the strongest listings per user, best partners per variant.
+    max_items_per_user: int = 200
+    partners_per_variant: int = 50
+
+    @property
+    def validation_window(self) -> int:
+        return self.holdout_days if self.validation_days is None else self.validation_days
 
 
 def _write_vocabulary(
@@ -108,6 +117,12 @@ def write_shards(
     train_events, holdout = shards.split_holdout(
         kept, run_date=params.run_date, holdout_days=params.holdout_days
     )
+    # The model and every choice see only the events before the validation days; the
+    # published co-interactions and the baselines scored on the holdout see them all.
+    last_fit_day = params.run_date - dt.timedelta(days=params.holdout_days)
+    fit_events, validation_events = shards.split_holdout(
+        train_events, run_date=last_fit_day, holdout_days=params.validation_window
+    )
     clock.done("tag_events")
 
     with StagedDirectory(out_dir) as out:
@@ -120,31 +135,28 @@ def write_shards(
         encoding = features.fit_feature_encoding(snapshot, run_date=params.run_date)
         encoded = features.encode_listing_features(snapshot, listing_vocab, encoding)
         clock.done("fit_encoding")
-        with uncompressed_cache(spark):
-            weighted = shards.weight_interactions(
-                train_events,
-                run_date=params.run_date,
-                event_weights=dict(params.event_weights),
-                half_life_days=params.half_life_days,
-            ).persist()
-        examples = shards.assemble_training_examples(
-            weighted,
-            user_vocab,
-            listing_vocab,
-            broadcast_listings=broadcast,
-            num_files=params.num_files,
-            seed=params.seed,
-        )
-        write_parquet(
-            examples,
-            out / "train",
-            training_examples.SPEC,
-            row_group_bytes=8 << 20,
-        )
-        written = read_parquet(spark, out / "train", training_examples.SPEC)
+        weighted, written = {}, {}
+        for name, window_events in (("train", fit_events), ("train_full", train_events)):
+            with uncompressed_cache(spark):
+                weighted[name] = shards.weight_interactions(
+                    window_events,
+                    run_date=params.run_date,
+                    event_weights=dict(params.event_weights),
+                    half_life_days=params.half_life_days,
+                ).persist()
+            examples = shards.assemble_training_examples(
+                weighted[name],
+                user_vocab,
+                listing_vocab,
+                broadcast_listings=broadcast,
+                num_files=params.num_files,
+                seed=params.seed,
+            )
+            write_parquet(examples, out / name, training_examples.SPEC, row_group_bytes=8 << 20)
+            written[name] = read_parquet(spark, out / name, training_examples.SPEC)
         clock.done("training_examples")
         write_parquet(
-            shards.mark_listings_with_interactions(encoded, written).coalesce(1),
+            shards.mark_listings_with_interactions(encoded, written["train"]).coalesce(1),
             out / "listing_features",
             training_examples.LISTING_FEATURES_SPEC,
         )
@@ -154,13 +166,34 @@ def write_shards(
             out / "holdout",
             training_examples.HOLDOUT_SPEC,
         )
+        write_parquet(
+            validation_events.select(*training_examples.HOLDOUT_SCHEMA.fieldNames()),
+            out / "validation",
+            training_examples.HOLDOUT_SPEC,
+        )
         clock.done("holdout")
-        for cached in (tagged, weighted):
+        for cached in (tagged, *weighted.values()):
             cached.unpersist()
 
         listing_features = read_parquet(
             spark, out / "listing_features", training_examples.LISTING_FEATURES_SPEC
         )
+        validation_queries = evaluation.holdout_pairs(
+            read_parquet(spark, out / "validation", training_examples.HOLDOUT_SPEC)
+        ).select(F.col("query_id").alias("listing_id"))
+        for name, source, queries in (
+            ("cointeraction_fit", "train", validation_queries),
+            ("cointeraction_full", "train_full", None),
+        ):
+            table = cointeraction.cointeraction_table(
+                written[source],
+                listing_features,
+                max_items_per_user=params.max_items_per_user,
+                per_variant=params.partners_per_variant,
+                queries=queries,
+            )
+            write_parquet(table, out / name, training_examples.COINTERACTION_SPEC)
+        clock.done("cointeraction")
         counts.update(
             listing_features.agg(
                 F.count(F.lit(1)).alias("listings"),
@@ -172,10 +205,18 @@ def write_shards(
             .first()
             .asDict()
         )
-        counts["training_examples"] = written.count()
-        counts["holdout_events"] = read_parquet(
-            spark, out / "holdout", training_examples.HOLDOUT_SPEC
-        ).count()
+        counts["training_examples"] = written["train"].count()
+        counts["training_examples_full"] = written["train_full"].count()
+        for name in ("holdout", "validation"):
+            counts[f"{name}_events"] = read_parquet(
+                spark, out / name, training_examples.HOLDOUT_SPEC
+            ).count()
+        validation.require_rows(
+            counts["training_examples"],
+            interactions.SPEC.name,
+            f"before the validation window (the {params.validation_window} days before the "
+            "holdout); lower --validation-days or widen --lookback-days",
+        )
         clock.done("counts")
         manifest = {
             "schema_version": training_examples.SPEC.version,
@@ -185,6 +226,8 @@ def write_shards(
             "cardinalities": features.cardinalities(encoding),
             "dense_features": list(training_examples.DENSE_FEATURES),
             "train_files": [f"train/{f}" for f in parquet_files(out / "train")],
+            "validation_days": params.validation_window,
+            "rp3_alphas": list(cointeraction.RP3_ALPHAS),
             "counts": counts,
             "encodings": encoding,
             "parameters": asdict(params),

@@ -9,6 +9,7 @@ listing from it. ``holdout``: the held-out events, for evaluation.
 """
 
 from pyspark.sql.types import (
+    ArrayType,
     BooleanType,
     FloatType,
     IntegerType,
@@ -90,3 +91,34 @@ USER_VOCABULARY_SPEC = TableSpec(name="user_vocabulary", schema=VOCABULARY_SCHEM
 LISTING_VOCABULARY_SPEC = TableSpec(
     name="listing_vocabulary", schema=VOCABULARY_SCHEMA, key=("id",)
 )
+
+# Co-interaction statistics (``lib.cointeraction``): one row per (listing, partner) that share
+# a user, the union of each similarity variant's best partners.
+COINTERACTION_SCHEMA = StructType(
+    [
+        StructField("listing_id", StringType(), nullable=False),
+        StructField("neighbour_id", StringType(), nullable=False),
+        StructField("common", IntegerType(), nullable=False),
+        StructField("dot", FloatType(), nullable=False),
+        StructField("listing_users", IntegerType(), nullable=False),
+        StructField("neighbour_users", IntegerType(), nullable=False),
+        StructField("listing_norm", FloatType(), nullable=False),
+        StructField("neighbour_norm", FloatType(), nullable=False),
+        # Σ over the common users of deg(user)^-alpha, one entry per lib.cointeraction.RP3_ALPHAS.
+        StructField("rp3", ArrayType(FloatType(), containsNull=False), nullable=False),
+    ]
+)
+COINTERACTION_SPEC = TableSpec(
+    name="cointeraction", schema=COINTERACTION_SCHEMA, key=("listing_id", "neighbour_id")
+)
+
+# Held-out pairs as the evaluate stage scores them (``lib.evaluation.label_pairs``).
+PAIRS_SCHEMA = StructType(
+    [
+        StructField("user_id", StringType(), nullable=False),
+        StructField("query_id", StringType(), nullable=False),
+        StructField("target_id", StringType(), nullable=False),
+        StructField("is_cold", BooleanType(), nullable=False),
+    ]
+)
+PAIRS_SPEC = TableSpec(name="holdout_pairs", schema=PAIRS_SCHEMA)

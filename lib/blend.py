@@ -1,0 +1,481 @@
+"""The published similarity: co-interaction, content and the learned model, blended by support.
+
+Each listing's candidates are the union of three lists: its best co-interaction partners (the
+variant chosen on validation, ``lib.cointeraction``), its content neighbours (feature vectors)
+and its model neighbours (the learned embeddings). Each component's score is standardised over
+the listing's candidates (a candidate missing from a component's list gets that list's lowest
+score: it ranked below all of them), and the blended score is the weighted sum
+
+    score(a, b) = Σ_c w_c[g(a)] · z_c(a, b),   g(a) = support group of a (users with history)
+
+with one weight vector per support group, chosen on the validation split from a grid that
+contains every pure component (``weight_grid``). So a listing with much history is placed by
+co-interaction, a new one by its features, whichever validation says; and on validation the
+blend is never below any single component within a group.
+
+This module holds the per-listing arithmetic (numpy, the same for validation on the driver and
+for publication inside Spark tasks) and the Spark transforms that feed it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from lib.cointeraction import (
+    PairColumns,
+    Variant,
+    grouped_partners,
+    partner_columns,
+    top_positions,
+    variant_scores,
+)
+
+COMPONENTS = ("cointeraction", "content", "model")
+# Support groups by the query listing's users in the history: none (cold), 1-2, 3-9, 10+.
+SUPPORT_EDGES = (1, 3, 10)
+GRID_STEP = 0.1
+# A group with fewer validation pairs than this uses the weights chosen over all pairs.
+MIN_GROUP_PAIRS = 30
+HIT_AT = 10
+
+
+def support_group(users: np.ndarray | float) -> np.ndarray:
+    """0 for no history, then one group per ``SUPPORT_EDGES`` interval."""
+    return np.searchsorted(np.asarray(SUPPORT_EDGES), np.asarray(users), side="right")
+
+
+def group_names() -> list[str]:
+    names = ["cold"]
+    edges = [*SUPPORT_EDGES, None]
+    for low, high in itertools.pairwise(edges):
+        names.append(f"users_{low}+" if high is None else f"users_{low}-{high - 1}")
+    return names
+
+
+def weight_grid(step: float = GRID_STEP) -> np.ndarray:
+    """Every weight vector on the simplex with the given step, the pure components first."""
+    n = round(1 / step)
+    pure = [tuple(float(i == j) for j in range(len(COMPONENTS))) for i in range(len(COMPONENTS))]
+    mixed = [
+        (i * step, j * step, (n - i - j) * step)
+        for i in range(n + 1)
+        for j in range(n + 1 - i)
+        if (i, j, n - i - j) not in {(n, 0, 0), (0, n, 0), (0, 0, n)}
+    ]
+    return np.round(np.array(pure + mixed, dtype=np.float64), 10)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """One listing's candidate union: ids and the raw score of each component (NaN: absent)."""
+
+    ids: np.ndarray  # object array of neighbour ids
+    raw: np.ndarray  # [n, len(COMPONENTS)]
+
+
+def candidate_union(
+    cf_ids: np.ndarray,
+    cf_scores: np.ndarray,
+    content_ids: Sequence[str],
+    content_scores: Sequence[float],
+    model_ids: Sequence[str],
+    model_scores: Sequence[float],
+    *,
+    query_id: str,
+    cf_limit: int,
+) -> Candidates:
+    """The union of the three lists (co-interaction cut to its ``cf_limit`` best), self
+    excluded, ids in ascending order."""
+    keep = top_positions(np.asarray(cf_scores, dtype=np.float64), np.asarray(cf_ids), cf_limit)
+    lists = (
+        (np.asarray(cf_ids, dtype=object)[keep], np.asarray(cf_scores, dtype=np.float64)[keep]),
+        (np.asarray(content_ids, dtype=object), np.asarray(content_scores, dtype=np.float64)),
+        (np.asarray(model_ids, dtype=object), np.asarray(model_scores, dtype=np.float64)),
+    )
+    ids = np.unique(np.concatenate([ids for ids, _ in lists]).astype(str))
+    ids = ids[ids != query_id]
+    raw = np.full((len(ids), len(COMPONENTS)), np.nan)
+    for column, (found, scores) in enumerate(lists):
+        if len(found):
+            at = np.searchsorted(ids, found.astype(str))
+            inside = (at < len(ids)) & (ids[np.minimum(at, len(ids) - 1)] == found.astype(str))
+            raw[at[inside], column] = scores[inside]
+    return Candidates(ids.astype(object), raw)
+
+
+def standardise(raw: np.ndarray) -> np.ndarray:
+    """Per component: absent -> the component's lowest present score, then z-scores over the
+    candidates (a component with no spread, or absent everywhere, contributes zeros)."""
+    out = np.zeros_like(raw)
+    for column in range(raw.shape[1]):
+        values = raw[:, column]
+        present = ~np.isnan(values)
+        if not present.any():
+            continue
+        filled = np.where(present, values, values[present].min())
+        spread = filled.std()
+        if spread > 1e-12:
+            out[:, column] = (filled - filled.mean()) / spread
+    return out
+
+
+def ranked(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best (ids, scores), ties by the smaller id (as ``merge_top_k`` does)."""
+    order = np.lexsort((ids.astype(str), -scores))[:k]
+    return ids[order], scores[order]
+
+
+def target_ranks(scores: np.ndarray, ids: np.ndarray, target: str) -> np.ndarray | None:
+    """Rank (from 1) of ``target`` under each column of ``scores`` [n, G], with the same tie
+    rule as ``ranked``; None when the target is not a candidate."""
+    where = np.flatnonzero(ids == target)
+    if len(where) == 0:
+        return None
+    t = scores[where[0]]
+    earlier = (ids.astype(str) < target)[:, None]
+    ahead = (scores > t[None, :]) | ((scores == t[None, :]) & earlier)
+    return ahead.sum(axis=0) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing on validation (driver, on a bounded sample of validation queries)
+
+
+@dataclass
+class ValidationQuery:
+    """What validation knows of one sampled query listing."""
+
+    query_id: str
+    support: float
+    cf_ids: np.ndarray
+    cf_columns: PairColumns
+    content_ids: np.ndarray
+    content_scores: np.ndarray
+    model_ids: np.ndarray
+    model_scores: np.ndarray
+    targets: list[str]
+
+
+def _hits(ranks: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:
+    if ranks is None:
+        return np.zeros(width), np.zeros(width)
+    hit = ranks <= HIT_AT
+    return hit.astype(float), np.where(hit, 1.0 / ranks, 0.0)
+
+
+def score_variants(
+    queries: Sequence[ValidationQuery], variants: Sequence[Variant]
+) -> dict[str, dict[str, float]]:
+    """Validation hit@10 and MRR@10 of each co-interaction variant's own lists."""
+    hits, mrr, pairs = np.zeros(len(variants)), np.zeros(len(variants)), 0
+    for query in queries:
+        if len(query.cf_ids):
+            scores = np.stack([variant_scores(v, query.cf_columns) for v in variants], axis=1)
+        else:
+            scores = np.zeros((0, len(variants)))
+        for target in query.targets:
+            pairs += 1
+            ranks = target_ranks(scores, query.cf_ids.astype(object), target)
+            h, r = _hits(ranks, len(variants))
+            hits, mrr = hits + h, mrr + r
+    n = max(pairs, 1)
+    return {
+        v.name: {"hit_rate_at_10": hits[i] / n, "mrr_at_10": mrr[i] / n, "pairs": pairs}
+        for i, v in enumerate(variants)
+    }
+
+
+def best_variant(
+    scores: Mapping[str, Mapping[str, float]], variants: Sequence[Variant], family: str | None
+) -> Variant:
+    """The variant (of ``family``, or any) with the best validation hit@10, then MRR@10."""
+    pool = [v for v in variants if family is None or v.family == family]
+    return max(
+        pool,
+        key=lambda v: (
+            scores[v.name]["hit_rate_at_10"],
+            scores[v.name]["mrr_at_10"],
+            -pool.index(v),
+        ),
+    )
+
+
+def choose_weights(
+    queries: Sequence[ValidationQuery],
+    variant: Variant,
+    *,
+    cf_limit: int,
+    grid: np.ndarray | None = None,
+    min_group_pairs: int = MIN_GROUP_PAIRS,
+) -> dict:
+    """Per support group, the grid weights with the best validation hit@10 (then MRR@10).
+
+    Returns the weights per group, and the validation hit@10 of the blend and of each pure
+    component per group and overall, for the runs row and the report.
+    """
+    grid = weight_grid() if grid is None else grid
+    groups = len(SUPPORT_EDGES) + 1
+    hits = np.zeros((groups, len(grid)))
+    mrr = np.zeros((groups, len(grid)))
+    pairs = np.zeros(groups, dtype=int)
+    for query in queries:
+        cf_scores = variant_scores(variant, query.cf_columns) if len(query.cf_ids) else np.zeros(0)
+        found = candidate_union(
+            query.cf_ids,
+            cf_scores,
+            query.content_ids,
+            query.content_scores,
+            query.model_ids,
+            query.model_scores,
+            query_id=query.query_id,
+            cf_limit=cf_limit,
+        )
+        blended = standardise(found.raw) @ grid.T
+        group = int(support_group(query.support))
+        for target in query.targets:
+            h, r = _hits(target_ranks(blended, found.ids, target), len(grid))
+            hits[group] += h
+            mrr[group] += r
+            pairs[group] += 1
+    overall = np.lexsort((-np.arange(len(grid)), mrr.sum(0), hits.sum(0)))[-1]
+    if pairs.sum() < min_group_pairs:
+        # Too little validation to choose anything: every component weighs about the same.
+        overall = int(np.argmin(np.abs(grid - 1 / len(COMPONENTS)).sum(axis=1)))
+    chosen = []
+    for g in range(groups):
+        best = np.lexsort((-np.arange(len(grid)), mrr[g], hits[g]))[-1]
+        chosen.append(int(best) if pairs[g] >= min_group_pairs else int(overall))
+    names = group_names()
+    pure = {c: i for i, c in enumerate(COMPONENTS)}  # the grid's first rows
+
+    def rate(values: np.ndarray, count: int) -> float | None:
+        return float(values / count) if count else None
+
+    report = {
+        "variant": variant.to_dict(),
+        "support_edges": list(SUPPORT_EDGES),
+        "weights": {
+            names[g]: dict(zip(COMPONENTS, grid[chosen[g]].tolist(), strict=True))
+            for g in range(groups)
+        },
+        "pairs_by_group": {names[g]: int(pairs[g]) for g in range(groups)},
+        "hit_rate_at_10": {
+            "blend": rate(sum(hits[g, chosen[g]] for g in range(groups)), pairs.sum()),
+            **{c: rate(hits[:, i].sum(), pairs.sum()) for c, i in pure.items()},
+        },
+        "hit_rate_at_10_by_group": {
+            names[g]: {
+                "blend": rate(hits[g, chosen[g]], pairs[g]),
+                **{c: rate(hits[g, i], pairs[g]) for c, i in pure.items()},
+            }
+            for g in range(groups)
+        },
+    }
+    return report
+
+
+def weights_table(choice: Mapping) -> np.ndarray:
+    """[groups, components] weights from ``choose_weights``' result."""
+    return np.array([[choice["weights"][g][c] for c in COMPONENTS] for g in group_names()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Publication (Spark): every listing's candidate union, blended inside tasks
+
+BLEND_INPUT_COLUMNS = (
+    "listing_id",
+    "support",
+    "cf",
+    "content_ids",
+    "content_scores",
+    "model_ids",
+    "model_scores",
+)
+BLENDED_SCHEMA = "listing_id string, neighbour_ids array<string>, scores array<float>"
+
+
+def blend_inputs(
+    listings: DataFrame,
+    support: DataFrame,
+    cointeraction: DataFrame,
+    content_lists: DataFrame,
+    model_lists: DataFrame,
+) -> DataFrame:
+    """One row per listing of ``listings`` (listing_id) with everything the blend reads.
+
+    ``support``: (listing_id, users); ``cointeraction``: the co-interaction table;
+    ``content_lists`` and ``model_lists``: ranked lists (listing_id, neighbour_ids, scores).
+    """
+    cf = grouped_partners(cointeraction)
+    return (
+        listings.select("listing_id")
+        .join(support.select("listing_id", F.col("users").alias("support")), "listing_id", "left")
+        .join(cf, "listing_id", "left")
+        .join(
+            content_lists.select(
+                "listing_id",
+                F.col("neighbour_ids").alias("content_ids"),
+                F.col("scores").alias("content_scores"),
+            ),
+            "listing_id",
+            "left",
+        )
+        .join(
+            model_lists.select(
+                "listing_id",
+                F.col("neighbour_ids").alias("model_ids"),
+                F.col("scores").alias("model_scores"),
+            ),
+            "listing_id",
+            "left",
+        )
+        .select(
+            "listing_id",
+            F.coalesce(F.col("support"), F.lit(0)).alias("support"),
+            "cf",
+            "content_ids",
+            "content_scores",
+            "model_ids",
+            "model_scores",
+        )
+    )
+
+
+def _list_of(column: pa.ListArray, i: int) -> np.ndarray:
+    value = column[i]
+    if not value.is_valid:
+        return np.zeros(0, dtype=object)
+    return value.values.to_numpy(zero_copy_only=False)
+
+
+def validation_queries(rows: pa.Table, targets: Mapping[str, list[str]]) -> list[ValidationQuery]:
+    """``blend_inputs`` rows (collected for a sample) as ``ValidationQuery`` objects."""
+    found = []
+    cf_column = rows.column("cf").combine_chunks()
+    lists = {
+        name: rows.column(name).combine_chunks()
+        for name in ("content_ids", "content_scores", "model_ids", "model_scores")
+    }
+    for i, query_id in enumerate(rows.column("listing_id").to_pylist()):
+        cf_value = cf_column[i]
+        cf_ids, cf_columns = partner_columns(cf_value.values if cf_value.is_valid else None)
+        found.append(
+            ValidationQuery(
+                query_id=query_id,
+                support=float(rows.column("support")[i].as_py()),
+                cf_ids=cf_ids,
+                cf_columns=cf_columns,
+                content_ids=_list_of(lists["content_ids"], i),
+                content_scores=_list_of(lists["content_scores"], i).astype(np.float64),
+                model_ids=_list_of(lists["model_ids"], i),
+                model_scores=_list_of(lists["model_scores"], i).astype(np.float64),
+                targets=list(targets.get(query_id, [])),
+            )
+        )
+    return found
+
+
+def _blend_tasks(variant: Variant, weights: np.ndarray, k: int, cf_limit: int):
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            out_ids, out_scores = [], []
+            queries = validation_queries(table, {})
+            for query in queries:
+                cf_scores = (
+                    variant_scores(variant, query.cf_columns) if len(query.cf_ids) else np.zeros(0)
+                )
+                found = candidate_union(
+                    query.cf_ids,
+                    cf_scores,
+                    query.content_ids,
+                    query.content_scores,
+                    query.model_ids,
+                    query.model_scores,
+                    query_id=query.query_id,
+                    cf_limit=cf_limit,
+                )
+                w = weights[int(support_group(query.support))]
+                ids, scores = ranked(found.ids, standardise(found.raw) @ w, k)
+                out_ids.append([str(i) for i in ids])
+                out_scores.append(scores.astype(np.float32))
+            yield pa.RecordBatch.from_arrays(
+                [
+                    table.column("listing_id").combine_chunks(),
+                    pa.array(out_ids, pa.list_(pa.string())),
+                    pa.array([s.tolist() for s in out_scores], pa.list_(pa.float32())),
+                ],
+                names=["listing_id", "neighbour_ids", "scores"],
+            )
+
+    return run
+
+
+def blended_lists(
+    inputs: DataFrame, *, variant: Variant, weights: np.ndarray, k: int, cf_limit: int
+) -> DataFrame:
+    """Every ``blend_inputs`` row's top-``k`` blended neighbours (``BLENDED_SCHEMA``, the same
+    shape as an ANN search result)."""
+    return inputs.mapInArrow(_blend_tasks(variant, weights, k, cf_limit), BLENDED_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole choice, end to end (runs Spark jobs; only the bounded sample reaches the driver)
+
+
+def sample_queries(pairs: DataFrame, *, max_queries: int, seed: int) -> DataFrame:
+    """At most ``max_queries`` distinct query listings of ``pairs``, by a seeded hash."""
+    return (
+        pairs.select(F.col("query_id").alias("listing_id"))
+        .distinct()
+        .withColumn("_h", F.xxhash64(F.lit(seed), "listing_id"))
+        .orderBy("_h")
+        .limit(max_queries)
+        .drop("_h")
+    )
+
+
+def choose_on_validation(
+    pairs: DataFrame,
+    *,
+    support: DataFrame,
+    cointeraction: DataFrame,
+    content_lists: DataFrame,
+    model_lists: DataFrame,
+    variants: Sequence[Variant],
+    cf_limit: int,
+    max_queries: int = 4_000,
+    seed: int = 7,
+) -> dict:
+    """Choose the co-interaction variant and the blend weights on validation ``pairs``
+    (user_id, query_id, target_id[, is_cold]) from components fitted without them.
+
+    Runs Spark jobs; collects the candidate lists of at most ``max_queries`` sampled queries.
+    Returns the variants' scores, the chosen variant, per-group weights and what the blend and
+    each pure component scored (``choose_weights``).
+    """
+    queries = sample_queries(pairs, max_queries=max_queries, seed=seed)
+    wanted = pairs.join(queries.withColumnRenamed("listing_id", "query_id"), "query_id")
+    targets: dict[str, list[str]] = {}
+    for row in wanted.select("query_id", "target_id").toArrow().to_pylist():
+        targets.setdefault(row["query_id"], []).append(row["target_id"])
+    rows = blend_inputs(queries, support, cointeraction, content_lists, model_lists).toArrow()
+    found = validation_queries(rows, targets)
+    variant_scores_ = score_variants(found, variants)
+    chosen = best_variant(variant_scores_, variants, None)
+    choice = choose_weights(found, chosen, cf_limit=cf_limit)
+    return {
+        "queries": len(found),
+        "pairs": sum(len(q.targets) for q in found),
+        "variants": variant_scores_,
+        "itemknn": best_variant(variant_scores_, variants, "itemknn").to_dict(),
+        "rp3beta": best_variant(variant_scores_, variants, "rp3beta").to_dict(),
+        **choice,
+    }
