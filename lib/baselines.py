@@ -245,17 +245,19 @@ def content_neighbours(
 def random_neighbours(listing_features: DataFrame, *, k: int, seed: int = 7) -> DataFrame:
     """k distinct random active listings per listing (never itself), reproducible from ``seed``.
 
-    Listings are put in a random order (one ordered window over the catalogue); listing at
-    position p gets the k positions after p + s, with a random start s of its own.
+    Listings are put in a random order (sorted by a seeded hash, ties by id; the positions are
+    computed in parallel by ``lib.ordering.sorted_positions``, not in one ordered window);
+    listing at position p gets the k positions after p + s, with a random start s of its own.
     """
+    from lib.ordering import sorted_positions
+
     active = _active_ids(listing_features).select("listing_id")
-    shuffled = active.select(
-        "listing_id",
-        (F.row_number().over(Window.orderBy(F.xxhash64("listing_id", F.lit(seed)))) - 1).alias(
-            "pos"
-        ),
-    )
-    size = shuffled.agg(F.count(F.lit(1)).alias("_n"))
+    shuffled = sorted_positions(
+        active.withColumn("_hash", F.xxhash64("listing_id", F.lit(seed))),
+        ["_hash", "listing_id"],
+        "pos",
+    ).select("listing_id", "pos")
+    size = active.agg(F.count(F.lit(1)).alias("_n"))
     span = F.col("_n") - 1
     draws = (
         shuffled.crossJoin(size)

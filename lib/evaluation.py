@@ -156,11 +156,27 @@ def popularity_ranks(popularity: DataFrame, active: DataFrame) -> DataFrame:
     """Rank active listings by training popularity: 1 = most popular, ties share a rank.
 
     ``popularity`` is (listing_id, popularity); active listings absent from it rank last
-    together. One ordered window over the catalogue, which is small next to the events.
+    together. SQL ``RANK`` over the catalogue, computed in parallel by range partitions
+    (``lib.ordering.sorted_positions`` with ties), not in one ordered window.
     """
-    scored = active.select("listing_id").distinct().join(popularity, "listing_id", "left")
-    order = Window.orderBy(F.desc(F.coalesce(F.col("popularity"), F.lit(0.0))))
-    return scored.select("listing_id", F.rank().over(order).alias("popularity_rank"))
+    from lib.ordering import sorted_positions
+
+    scored = (
+        active.select("listing_id")
+        .distinct()
+        .join(popularity, "listing_id", "left")
+        .select("listing_id", F.coalesce(F.col("popularity"), F.lit(0.0)).alias("_popularity"))
+    )
+    ranked = sorted_positions(
+        scored,
+        ["_popularity", "listing_id"],
+        "_position",
+        ascending=[False, True],
+        ties=["_popularity"],
+    )
+    return ranked.select(
+        "listing_id", (F.col("_position") + 1).cast("int").alias("popularity_rank")
+    )
 
 
 def popularity_bias(neighbours: DataFrame, ranks: DataFrame, *, k: int = SUMMARY_K) -> DataFrame:

@@ -13,6 +13,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from lib.ordering import sorted_positions
 from schemas import training_examples
 
 # Drop reasons, in the order they are checked: an event gets the first that applies.
@@ -136,19 +137,23 @@ def extend_vocabulary(ids: DataFrame, previous: DataFrame | None = None) -> Data
     Ids already in ``previous`` (columns id, idx) keep their index; new ids are appended after the
     largest existing index in id order, so the same inputs always give the same vocabulary and
     embeddings of consecutive runs stay comparable.
+
+    The new ids are numbered in parallel (``lib.ordering.sorted_positions``: range-partitioned,
+    sorted per partition, offset by the rows of earlier partitions), never in one partition: a
+    first night's 100M user ids are sorted by all cores, not by one task. Lazy: no action.
     """
     distinct_ids = ids.select(F.col("id").cast("string")).where(F.col("id").isNotNull()).distinct()
-    # One ordered window over the new ids only: a night adds few ids, so the single
-    # partition this needs stays small; the first run of a huge catalogue pays it once.
-    in_order = F.row_number().over(Window.orderBy("id")) - 1
     if previous is None:
-        return distinct_ids.select("id", in_order.cast("int").alias("idx"))
+        return sorted_positions(distinct_ids, ["id"], "_pos").select(
+            "id", F.col("_pos").cast("int").alias("idx")
+        )
     new_ids = distinct_ids.join(previous.select("id"), "id", "left_anti")
+    # The largest index is a global max: partial maxima per partition, one row each, meet.
     offset = previous.agg(F.coalesce(F.max("idx") + 1, F.lit(0)).alias("_offset"))
-    appended = new_ids.crossJoin(offset).select(
-        "id", (F.col("_offset") + in_order).cast("int").alias("idx")
+    appended = sorted_positions(new_ids, ["id"], "_pos").crossJoin(F.broadcast(offset))
+    return previous.select("id", "idx").unionByName(
+        appended.select("id", (F.col("_offset") + F.col("_pos")).cast("int").alias("idx"))
     )
-    return previous.select("id", "idx").unionByName(appended)
 
 
 def listing_log_q(weighted: DataFrame) -> DataFrame:
