@@ -16,7 +16,6 @@ from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
 from lib import ann, delta_io, neighbours, quality_gate, similarity
-from lib.parquet_io import write_json
 from lib.session import build_session
 from schemas import listing_embeddings, listing_neighbours, listings
 
@@ -26,7 +25,7 @@ class NeighbourArgs:
     embeddings: str
     table: str
     run_date: dt.date
-    shards: str = ""
+    shards: str | None = None
     method: str = "ivf"
     k: int = 20
     candidates: int = 50
@@ -52,7 +51,11 @@ def parse_args(argv: Sequence[str] | None = None) -> NeighbourArgs:
     add("--embeddings", required=True, help="listing_embeddings Delta table path")
     add("--table", required=True, help="listing_neighbours Delta table path")
     add("--run-date", required=True, type=dt.date.fromisoformat)
-    add("--shards", required=True, help="the run's shards: features, co-interactions, validation")
+    add(
+        "--shards",
+        help="the run's shards: blend the model's neighbours with co-interaction "
+        "and content ones, chosen on their validation split (without: the model's alone)",
+    )
     add("--method", choices=ann.METHODS, default=d.method, help="exact: blockwise brute force")
     add("--k", type=int, default=d.k)
     add("--candidates", type=int, default=d.candidates, help="per component, blended into k")
@@ -81,7 +84,6 @@ def run(spark: SparkSession, args: NeighbourArgs) -> dict:
     started = time.perf_counter()
     day = {"run_date": args.run_date.isoformat()}
     embeddings = delta_io.read_table(spark, args.embeddings, listing_embeddings.SPEC, partition=day)
-    shards = similarity.ShardInputs.read(spark, args.shards)
     snapshot = None
     if args.partition_key:
         snapshot = delta_io.read_input(spark, args.listings, listings.SPEC)
@@ -89,52 +91,92 @@ def run(spark: SparkSession, args: NeighbourArgs) -> dict:
     embeddings = embeddings.persist()
     n = embeddings.count()
     if n <= args.k:
-        raise ValueError(f"table '{listing_embeddings.SPEC.name}': {n} listings for "
-                         f"{args.run_date}, need more than k={args.k} to publish neighbours")  # fmt: skip
+        raise ValueError(
+            f"table '{listing_embeddings.SPEC.name}': {n} listings for {args.run_date}, "
+            f"need more than k={args.k} to publish neighbours"
+        )
     model_version = embeddings.select("model_version").first()[0]
-    width = max(args.candidates, args.k)
+    # Without shards there is nothing to blend: the model's own neighbours are published.
+    width = max(args.candidates, args.k) if args.shards else args.k
     params = ann.IvfParams(k=width, nlist=args.nlist, nprobe=args.nprobe, device=args.device)
-    found = ann.search(embeddings, method=args.method, params=params, num_listings=n,
-                       partition_col=args.partition_key, num_blocks=args.num_blocks)  # fmt: skip
+    found = ann.search(
+        embeddings,
+        method=args.method,
+        params=params,
+        num_listings=n,
+        partition_col=args.partition_key,
+        num_blocks=args.num_blocks,
+    )
     model_lists = found.top_k.persist(StorageLevel.MEMORY_AND_DISK)
-    content = similarity.content_search(shards, embeddings, params=params, method=args.method,
-                                        num_listings=n, partition_key=args.partition_key,
-                                        snapshot=snapshot)  # fmt: skip
+    blended = None
     try:
-        choice = similarity.choose(shards, embeddings, content.top_k, model_lists, cf_limit=width,
-                                   max_queries=args.validation_queries, seed=7,
-                                   partition_key=args.partition_key, snapshot=snapshot)  # fmt: skip
-        write_json(similarity.validation_path(args.shards), choice)
-        similarity.write_components(content.top_k, model_lists, args.shards, k=args.k)
-        published_lists = similarity.publish_lists(
-            shards, embeddings, content.top_k, model_lists, choice, k=args.k, cf_limit=width,
-            partition_key=args.partition_key, snapshot=snapshot,
-        ).persist(StorageLevel.MEMORY_AND_DISK)  # fmt: skip
+        if args.shards:
+            blended = similarity.blend_for_run(
+                spark,
+                args.shards,
+                embeddings,
+                model_lists,
+                params=params,
+                method=args.method,
+                num_listings=n,
+                k=args.k,
+                validation_queries=args.validation_queries,
+                partition_key=args.partition_key,
+                snapshot=snapshot,
+            )
+        published_lists = blended.lists if blended else model_lists
         quality = ann.coverage(published_lists, k=args.k, num_listings=n) | ann.measure_recall(
-            embeddings, model_lists, k=width, sample_size=args.recall_sample,
-            partition_col=args.partition_key, device=args.device)  # fmt: skip
+            embeddings,
+            model_lists,
+            k=width,
+            sample_size=args.recall_sample,
+            partition_col=args.partition_key,
+            device=args.device,
+        )
+        validation = similarity.summary(blended.choice) if blended else None
         published = quality_gate.publish(
-            neighbours.to_neighbours_table(published_lists, model_version=model_version,
-                                           run_date=args.run_date),
-            args.table, listing_neighbours.SPEC, metrics=quality,
+            neighbours.to_neighbours_table(
+                published_lists, model_version=model_version, run_date=args.run_date
+            ),
+            args.table,
+            listing_neighbours.SPEC,
+            metrics=quality,
             config=quality_gate.GateConfig(args.min_recall, args.max_coverage_drop),
-            replace_partition=day, sort_within_files_by=("listing_id", "rank"),
-            keep_last=args.retain_runs, vacuum_hours=args.vacuum_hours,
-            commit_metadata={"run_id": args.run_id, "model_version": model_version,
-                             "method": f"blend+{found.method}", "k": args.k, "listings": n,
-                             **found.info, "blend": similarity.summary(choice),
-                             "parameters": {k: str(v) for k, v in asdict(args).items()}},
-        )  # fmt: skip
+            replace_partition=day,
+            sort_within_files_by=("listing_id", "rank"),
+            keep_last=args.retain_runs,
+            vacuum_hours=args.vacuum_hours,
+            commit_metadata={
+                "run_id": args.run_id,
+                "model_version": model_version,
+                "method": f"blend+{found.method}" if blended else found.method,
+                "k": args.k,
+                "listings": n,
+                **found.info,
+                "blend": validation,
+                "parameters": {k: str(v) for k, v in asdict(args).items()},
+            },
+        )
     finally:
         for cached in (model_lists, embeddings):
             cached.unpersist()
         found.release()
-        content.release()
-    return {"stage": "neighbours", "table": args.table, "model_version": model_version,
-            "listings": n, "k": args.k, "method": found.method, "nlist": found.info.get("nlist"),
-            "nprobe": found.info.get("nprobe"), **quality, **published,
-            "validation": similarity.summary(choice),
-            "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+        if blended:
+            blended.release()
+    return {
+        "stage": "neighbours",
+        "table": args.table,
+        "model_version": model_version,
+        "listings": n,
+        "k": args.k,
+        "method": found.method,
+        "nlist": found.info.get("nlist"),
+        "nprobe": found.info.get("nprobe"),
+        **quality,
+        **published,
+        "validation": validation,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,7 +26,17 @@ KS = (5, 10, 20)
 SUMMARY_K = 10
 # The numbers the README table and `make quality` (bench/quality.py) report per method.
 HEADLINE = ("hit_rate_at_10", "hit_rate_at_10_warm", "hit_rate_at_10_cold", "mrr_at_10")
-METHOD_ORDER = ("model", "cooccurrence", "als", "content", "popularity", "random")
+METHOD_ORDER = (
+    "model",
+    "itemknn",
+    "rp3beta",
+    "ease",
+    "als",
+    "content",
+    "embedding",
+    "popularity",
+    "random",
+)
 
 
 def _tall(per_method: DataFrame, names: Sequence[str]) -> DataFrame:
@@ -67,14 +77,24 @@ def holdout_pairs(holdout: DataFrame) -> DataFrame:
     )
 
 
-def label_pairs(pairs: DataFrame, listing_features: DataFrame) -> DataFrame:
+def label_pairs(
+    pairs: DataFrame, listing_features: DataFrame, history: DataFrame | None = None
+) -> DataFrame:
     """Keep pairs whose listings are both active and mark ``is_cold``.
 
-    A pair is cold when either listing had no training interaction (``has_interactions`` False):
-    only features can place it. Pairs touching an inactive or unknown listing are dropped,
-    since no method may recommend such a listing.
+    A pair is cold when either listing had no interaction in the history the published lists
+    were built from: ``history`` (training examples with listing_idx) when given, else the
+    ``has_interactions`` flag (the model's training examples). Only features can place a cold
+    pair. Pairs touching an inactive or unknown listing are dropped, since no method may
+    recommend such a listing.
     """
-    side = listing_features.where(F.col("is_active")).select("listing_id", "has_interactions")
+    side = listing_features.where(F.col("is_active"))
+    if history is not None:
+        seen = history.select("listing_idx").distinct().withColumn("_seen", F.lit(True))
+        side = side.join(seen, "listing_idx", "left").select(
+            "listing_id", F.coalesce(F.col("_seen"), F.lit(False)).alias("has_interactions")
+        )
+    side = side.select("listing_id", "has_interactions")
     query = side.select(
         F.col("listing_id").alias("query_id"), F.col("has_interactions").alias("_q")
     )
@@ -125,14 +145,24 @@ def ranking_metrics(
     return _tall(per_method, list(columns))
 
 
-def coverage_metrics(neighbours: DataFrame, active: DataFrame, *, k: int = SUMMARY_K) -> DataFrame:
+def coverage_metrics(
+    neighbours: DataFrame,
+    active: DataFrame,
+    *,
+    k: int = SUMMARY_K,
+    queries: DataFrame | None = None,
+) -> DataFrame:
     """Catalogue coverage at ``k``, per method.
 
     ``coverage_at_k``: share of active listings that are someone's neighbour (rank <= k);
-    ``full_lists_at_k``: share of active listings that have k neighbours themselves.
+    ``full_lists_at_k``: share of listings with a list that have k neighbours. With
+    ``queries`` (listing_id: the listings whose lists were computed), the full-list share is
+    over them and ``coverage_at_k`` counts only what their lists show.
     """
     catalogue = active.select("listing_id").distinct().agg(F.count(F.lit(1)).alias("_n"))
-    top = neighbours.where(F.col("rank") <= k)
+    listed = (queries if queries is not None else active).select("listing_id").distinct()
+    asked = listed.agg(F.count(F.lit(1)).alias("_asked"))
+    top = neighbours.where(F.col("rank") <= k).join(listed, "listing_id", "left_semi")
     shown = top.groupBy("method").agg(F.countDistinct("neighbour_id").alias("_shown"))
     full = (
         top.groupBy("method", "listing_id")
@@ -143,10 +173,11 @@ def coverage_metrics(neighbours: DataFrame, active: DataFrame, *, k: int = SUMMA
     per_method = (
         shown.join(full, "method")
         .crossJoin(catalogue)
+        .crossJoin(asked)
         .select(
             "method",
             (F.col("_shown") / F.col("_n")).alias(f"coverage_at_{k}"),
-            (F.col("_full") / F.col("_n")).alias(f"full_lists_at_{k}"),
+            (F.col("_full") / F.col("_asked")).alias(f"full_lists_at_{k}"),
         )
     )
     return _tall(per_method, [f"coverage_at_{k}", f"full_lists_at_{k}"])
@@ -281,15 +312,17 @@ def all_metrics(
     k: int = SUMMARY_K,
     previous: DataFrame | None = None,
     stability_methods: Sequence[str] = ("model",),
+    queries: DataFrame | None = None,
 ) -> DataFrame:
     """Every metric of every method in ``neighbours`` as (method, metric, value) rows.
 
     ``neighbours`` holds all methods' lists (``tag``); stability is computed against
     ``previous`` for ``stability_methods`` only (baselines are not published, so have no past).
+    ``queries``: the listings whose lists were computed, when not the whole catalogue.
     """
     parts = [
         ranking_metrics(pairs, neighbours, ks=ks),
-        coverage_metrics(neighbours, active, k=k),
+        coverage_metrics(neighbours, active, k=k, queries=queries),
         popularity_bias(neighbours, ranks, k=k),
         coherence_metrics(neighbours, listings, k=k),
     ]
@@ -302,15 +335,16 @@ def all_metrics(
 def evaluate_lists(
     lists: Mapping[str, DataFrame],
     *,
-    holdout: DataFrame,
+    pairs: DataFrame,
     listing_features: DataFrame,
     popularity: DataFrame,
     snapshot: DataFrame,
     previous: DataFrame | None = None,
+    queries: DataFrame | None = None,
     ks: Sequence[int] = KS,
     k: int = SUMMARY_K,
 ) -> DataFrame:
-    """``all_metrics`` of named neighbour lists on the shard stage's holdout.
+    """``all_metrics`` of named neighbour lists on labelled held-out ``pairs`` (``label_pairs``).
 
     ``lists`` maps a method name to its (listing_id, neighbour_id, rank, score) lists;
     ``popularity`` is (listing_id, popularity) from training (``baselines.listing_popularity``).
@@ -319,13 +353,14 @@ def evaluate_lists(
     active = listing_features.where(F.col("is_active"))
     return all_metrics(
         tagged,
-        pairs=label_pairs(holdout_pairs(holdout), listing_features),
+        pairs=pairs,
         active=active,
         ranks=popularity_ranks(popularity, active),
         listings=snapshot,
         ks=ks,
         k=k,
         previous=previous,
+        queries=queries,
     )
 
 

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 from lib import ann, baselines, blend, evaluation
 from lib.cointeraction import VARIANTS, Variant
 from lib.neighbours import ranked_rows
-from lib.parquet_io import read_json, read_parquet, write_parquet
+from lib.parquet_io import read_json, read_parquet, write_json, write_parquet
 from schemas import training_examples as te
 
 VALIDATION_FILE = "validation.json"
@@ -217,3 +217,74 @@ def summary(choice: dict[str, Any]) -> dict[str, Any]:
         "queries": choice["queries"],
         "hit_rate_at_10": choice["hit_rate_at_10"],
     }
+
+
+@dataclass
+class Blended:
+    """The blended lists of a run (lazy, persisted), what validation chose, and the content
+    search whose cached parts the lists read until ``release()``."""
+
+    lists: DataFrame
+    choice: dict[str, Any]
+    content: ann.SearchResult
+
+    def release(self) -> None:
+        self.lists.unpersist()
+        self.content.release()
+
+
+def blend_for_run(
+    spark: SparkSession,
+    shards_dir: str,
+    embeddings: DataFrame,
+    model_lists: DataFrame,
+    *,
+    params: ann.IvfParams,
+    method: str,
+    num_listings: int,
+    k: int,
+    validation_queries: int,
+    seed: int = 7,
+    partition_key: str | None = None,
+    snapshot: DataFrame | None = None,
+) -> Blended:
+    """The neighbour stage's blend: content search, choice on validation (written beside the
+    shards with the content and model lists), and every listing's blended top-``k``.
+
+    IO: reads the shards, runs Spark jobs, writes ``validation.json`` and ``components/``.
+    """
+    shards = ShardInputs.read(spark, shards_dir)
+    content = content_search(
+        shards,
+        embeddings,
+        params=params,
+        method=method,
+        num_listings=num_listings,
+        partition_key=partition_key,
+        snapshot=snapshot,
+    )
+    choice = choose(
+        shards,
+        embeddings,
+        content.top_k,
+        model_lists,
+        cf_limit=params.k,
+        max_queries=validation_queries,
+        seed=seed,
+        partition_key=partition_key,
+        snapshot=snapshot,
+    )
+    write_json(validation_path(shards_dir), choice)
+    write_components(content.top_k, model_lists, shards_dir, k=k)
+    lists = publish_lists(
+        shards,
+        embeddings,
+        content.top_k,
+        model_lists,
+        choice,
+        k=k,
+        cf_limit=params.k,
+        partition_key=partition_key,
+        snapshot=snapshot,
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    return Blended(lists, choice, content)

@@ -160,11 +160,65 @@ def test_shards_manifest_counts_and_files(spark, tmp_path):
     assert len(manifest["train_files"]) <= 2
     assert set(manifest["cardinalities"]) == set(training_examples.CATEGORICAL_CODES)
     steps = manifest["step_seconds"]
-    assert set(steps) == {"tag_events", "vocabularies", "fit_encoding", "training_examples",
-                          "listing_features", "holdout", "counts"}  # fmt: skip
+    assert set(steps) == {
+        "tag_events",
+        "vocabularies",
+        "fit_encoding",
+        "training_examples",
+        "listing_features",
+        "holdout",
+        "cointeraction",
+        "counts",
+    }
     assert all(v >= 0 for v in steps.values()) and sum(steps.values()) <= manifest["seconds"]
     holdout = read_parquet(spark, tmp_path / "shards" / "holdout", training_examples.HOLDOUT_SPEC)
     assert {r.event_ts.date() for r in holdout.collect()} == {dt.date(2026, 11, 20)}
+
+
+def test_validation_days_sit_between_training_and_holdout_and_never_overlap(spark, tmp_path):
+    # Days 16-17 fit, 18-19 validation (two days, as --validation-days says), 20 holdout.
+    events = [
+        event(u, f"L{i}", day)
+        for u in ("u1", "u2", "u3")
+        for i in (1, 2, 3)
+        for day in (16, 17, 18, 19, 20)
+        if (i + day) % 2 or day in (16, 20)
+    ]
+    paths = write_inputs(spark, tmp_path / "in", events, good_listings())
+    run_stage(spark, *paths, tmp_path / "shards", "--validation-days", "2")
+    shards = tmp_path / "shards"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    spec = training_examples.HOLDOUT_SPEC
+
+    def days(name):
+        return {r.event_ts.day for r in read_parquet(spark, shards / name, spec).collect()}
+
+    assert days("validation") == {18, 19} and days("holdout") == {20}
+    assert manifest["validation_days"] == 2
+    counts = manifest["counts"]
+    assert counts["validation_events"] == sum(1 for e in events if e[3][8:10] in ("18", "19"))
+    # The model's examples end before validation; the full window's include it.
+    train = read_parquet(spark, shards / "train", training_examples.SPEC).collect()
+    full = read_parquet(spark, shards / "train_full", training_examples.SPEC).collect()
+    assert counts["training_examples"] == len(train) == 9
+    assert counts["training_examples_full"] == len(full) == 9
+    assert sum(r.weight for r in full) > sum(r.weight for r in train)
+    # Co-interactions for validation are built from the model's examples only, for the
+    # validation queries; the published ones from the full window, for every listing.
+    fit = read_parquet(spark, shards / "cointeraction_fit", training_examples.COINTERACTION_SPEC)
+    full_pairs = read_parquet(
+        spark, shards / "cointeraction_full", training_examples.COINTERACTION_SPEC
+    )
+    assert {r.common for r in fit.collect()} == {3}  # day 16: each user saw L1, L2, L3
+    assert {r.listing_id for r in full_pairs.collect()} == {"L1", "L2", "L3"}
+
+
+def test_an_empty_fit_window_is_refused_before_publishing(spark, tmp_path):
+    events = [event(u, "L1", day) for u in ("u1", "u2") for day in (19, 20)]
+    paths = write_inputs(spark, tmp_path / "in", events, good_listings())
+    with pytest.raises(SchemaError, match="before the validation window"):
+        run_stage(spark, *paths, tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()
 
 
 def test_ids_are_stable_across_runs_with_new_listings_and_users(spark, tmp_path):

@@ -149,12 +149,20 @@ def test_coherence_metrics(spark):
     ]
     snapshot = spark.createDataFrame(
         [
-            {**dict.fromkeys(listings_schema.SCHEMA.fieldNames()), "listing_id": i, "make": m,
-             "body_type": b, "price_eur": p, "latitude": la, "longitude": lo, "is_active": True}
+            {
+                **dict.fromkeys(listings_schema.SCHEMA.fieldNames()),
+                "listing_id": i,
+                "make": m,
+                "body_type": b,
+                "price_eur": p,
+                "latitude": la,
+                "longitude": lo,
+                "is_active": True,
+            }
             for i, m, b, p, la, lo in rows
         ],
         listings_schema.SCHEMA,
-    )  # fmt: skip
+    )
     neighbours = lists(spark, [("m", "A", "B", 1, 1.0), ("m", "A", "C", 2, 0.5)])
     got = metric_dict(evaluation.coherence_metrics(neighbours, snapshot, k=2))
     assert got[("m", "same_make_share")] == pytest.approx(0.5)
@@ -164,8 +172,10 @@ def test_coherence_metrics(spark):
 
 
 def test_stability_against_previous_run(spark):
-    current = lists(spark, [("model", "A", "B", 1, 1.0), ("model", "A", "C", 2, 1.0),
-                            ("model", "N", "A", 1, 1.0)])  # fmt: skip
+    current = lists(
+        spark,
+        [("model", "A", "B", 1, 1.0), ("model", "A", "C", 2, 1.0), ("model", "N", "A", 1, 1.0)],
+    )
     previous = spark.createDataFrame(
         [("A", "B", 1, 1.0), ("A", "D", 2, 1.0)],
         "listing_id string, neighbour_id string, rank int, score float",
@@ -177,10 +187,13 @@ def test_stability_against_previous_run(spark):
 
 def test_collect_flatten_and_headline(spark):
     metrics = spark.createDataFrame(
-        [("model", "hit_rate_at_10", 0.5), ("model", "hit_rate_at_10_cold", None),
-         ("random", "hit_rate_at_10", float("nan"))],
+        [
+            ("model", "hit_rate_at_10", 0.5),
+            ("model", "hit_rate_at_10_cold", None),
+            ("random", "hit_rate_at_10", float("nan")),
+        ],
         "method string, metric string, value double",
-    )  # fmt: skip
+    )
     collected = evaluation.collect_metrics(metrics)
     assert collected == {
         "model": {"hit_rate_at_10": 0.5, "hit_rate_at_10_cold": None},
@@ -196,8 +209,15 @@ def test_collect_flatten_and_headline(spark):
 
 
 def test_evaluate_lists_scores_every_method_on_the_same_pairs(spark):
-    events = holdout(spark, [("u1", "A", "view", 0), ("u1", "B", "view", 1), ("u2", "C", "view", 0),
-                             ("u2", "A", "view", 1)])  # fmt: skip
+    events = holdout(
+        spark,
+        [
+            ("u1", "A", "view", 0),
+            ("u1", "B", "view", 1),
+            ("u2", "C", "view", 0),
+            ("u2", "A", "view", 1),
+        ],
+    )
     features = spark.createDataFrame(
         [("A", True, True), ("B", True, True), ("C", True, False)], FEATURES
     )
@@ -205,8 +225,16 @@ def test_evaluate_lists_scores_every_method_on_the_same_pairs(spark):
         [("A", 3.0), ("B", 1.0)], "listing_id string, popularity double"
     )
     snapshot = spark.createDataFrame(
-        [{**dict.fromkeys(listings_schema.SCHEMA.fieldNames()), "listing_id": x, "is_active": True}
-         for x in "ABC"], listings_schema.SCHEMA)  # fmt: skip
+        [
+            {
+                **dict.fromkeys(listings_schema.SCHEMA.fieldNames()),
+                "listing_id": x,
+                "is_active": True,
+            }
+            for x in "ABC"
+        ],
+        listings_schema.SCHEMA,
+    )
     plain = "listing_id string, neighbour_id string, rank int, score float"
     found = evaluation.collect_metrics(
         evaluation.evaluate_lists(
@@ -214,7 +242,7 @@ def test_evaluate_lists_scores_every_method_on_the_same_pairs(spark):
                 "good": spark.createDataFrame([("A", "B", 1, 1.0), ("C", "A", 1, 1.0)], plain),
                 "bad": spark.createDataFrame([("A", "C", 1, 1.0), ("C", "B", 1, 1.0)], plain),
             },
-            holdout=events,
+            pairs=evaluation.label_pairs(evaluation.holdout_pairs(events), features),
             listing_features=features,
             popularity=popularity,
             snapshot=snapshot,
@@ -230,35 +258,84 @@ def test_evaluate_lists_scores_every_method_on_the_same_pairs(spark):
 def test_evaluate_job_writes_metrics_and_report(spark, tmp_path):
     """The stage on a hand-made run folder: shards, both tables (two runs), no model artifact."""
     from jobs import evaluate
-    from lib import delta_io, neighbours
+    from lib import baselines, cointeraction, delta_io, neighbours, scorecard, similarity
+    from lib.cointeraction import Variant
     from lib.parquet_io import write_json, write_parquet
     from schemas import listing_embeddings, listing_neighbours
 
     ids = [f"L{i}" for i in range(8)]
     cold = {"L7"}
     snapshot = spark.createDataFrame(
-        [{**dict.fromkeys(listings_schema.SCHEMA.fieldNames()), "listing_id": lid,
-          "make": "VW" if i % 2 else "BMW", "body_type": "suv", "price_eur": 1000.0 * (i + 1),
-          "latitude": 52.0 + i / 100, "longitude": 13.0, "city": "Berlin", "is_active": True}
-         for i, lid in enumerate(ids)], listings_schema.SCHEMA)  # fmt: skip
+        [
+            {
+                **dict.fromkeys(listings_schema.SCHEMA.fieldNames()),
+                "listing_id": lid,
+                "make": "VW" if i % 2 else "BMW",
+                "body_type": "suv",
+                "price_eur": 1000.0 * (i + 1),
+                "latitude": 52.0 + i / 100,
+                "longitude": 13.0,
+                "city": "Berlin",
+                "is_active": True,
+            }
+            for i, lid in enumerate(ids)
+        ],
+        listings_schema.SCHEMA,
+    )
     write_parquet(snapshot, tmp_path / "inputs" / "listings", listings_schema.SPEC)
     codes = {c: 0 for c in training_examples.CATEGORICAL_CODES}
     dense = [0.0] * len(training_examples.DENSE_FEATURES)
-    feature_rows = [(i, lid, True, lid not in cold, *[(i % 2) + 1 if c == "make_code" else v
-                     for c, v in codes.items()], *dense) for i, lid in enumerate(ids)]  # fmt: skip
+    feature_rows = [
+        (
+            i,
+            lid,
+            True,
+            lid not in cold,
+            *[(i % 2) + 1 if c == "make_code" else v for c, v in codes.items()],
+            *dense,
+        )
+        for i, lid in enumerate(ids)
+    ]
     shards = tmp_path / "work" / "2026-11-20" / "shards"
     features = spark.createDataFrame(feature_rows, training_examples.LISTING_FEATURES_SCHEMA)
     write_parquet(features, shards / "listing_features", training_examples.LISTING_FEATURES_SPEC)
     train = [(u, i, 1.0, -2.0) for u in range(6) for i in (u, u + 1)]
+    examples = spark.createDataFrame(train, training_examples.SCHEMA)
+    for name in ("train", "train_full"):
+        write_parquet(examples, shards / name, training_examples.SPEC)
     write_parquet(
-        spark.createDataFrame(train, training_examples.SCHEMA),
-        shards / "train",
-        training_examples.SPEC,
+        holdout(
+            spark,
+            [
+                ("u1", "L1", "view", 0),
+                ("u1", "L2", "view", 1),
+                ("u2", "L6", "view", 0),
+                ("u2", "L7", "view", 1),
+            ],
+        ),
+        shards / "holdout",
+        training_examples.HOLDOUT_SPEC,
     )
-    write_parquet(holdout(spark, [("u1", "L1", "view", 0), ("u1", "L2", "view", 1),
-                                  ("u2", "L6", "view", 0), ("u2", "L7", "view", 1)]),
-                  shards / "holdout", training_examples.HOLDOUT_SPEC)  # fmt: skip
+    write_parquet(
+        holdout(spark, [("u3", "L3", "view", 0), ("u3", "L4", "view", 1)]),
+        shards / "validation",
+        training_examples.HOLDOUT_SPEC,
+    )
+    for name in ("cointeraction_fit", "cointeraction_full"):
+        write_parquet(
+            cointeraction.cointeraction_table(examples, features),
+            shards / name,
+            training_examples.COINTERACTION_SPEC,
+        )
     write_json(shards / "manifest.json", {"cardinalities": {c: 3 for c in codes}})
+    chosen = {
+        "itemknn": Variant("itemknn", shrink=10.0).to_dict(),
+        "rp3beta": Variant("rp3beta", alpha=0.5, beta=0.3).to_dict(),
+        "variant": Variant("itemknn").to_dict(),
+        "weights": {},
+        "pairs": 1,
+    }
+    write_json(similarity.validation_path(str(shards)), chosen)
     model_dir = tmp_path / "models" / "m1"
     model_dir.mkdir(parents=True)
     write_json(model_dir / "metrics.json", {"loss_per_epoch": [3.0, 2.0]})
@@ -278,23 +355,64 @@ def test_evaluate_job_writes_metrics_and_report(spark, tmp_path):
         )
         delta_io.write_table(emb, tables["listing_embeddings"], listing_embeddings.SPEC)
         top = neighbours.exact_top_k(emb, k=5, num_blocks=1)
-        delta_io.write_table(neighbours.to_neighbours_table(top, model_version="m1", run_date=day),
-                             tables["listing_neighbours"], listing_neighbours.SPEC)  # fmt: skip
+        delta_io.write_table(
+            neighbours.to_neighbours_table(top, model_version="m1", run_date=day),
+            tables["listing_neighbours"],
+            listing_neighbours.SPEC,
+        )
+    for name in ("content", "embedding"):
+        write_parquet(
+            neighbours.ranked_rows(top),
+            similarity.components_path(str(shards)) / name,
+            baselines.RANKED_SPEC,
+        )
 
-    stats = evaluate.run(spark, evaluate.parse_args([
-        "--shards", str(shards), "--listings", str(tmp_path / "inputs" / "listings"),
-        "--embeddings", tables["listing_embeddings"], "--neighbours", tables["listing_neighbours"],
-        "--model", str(model_dir), "--run-date", "2026-11-20", "--out", str(tmp_path / "report"),
-        "--k", "5", "--stage-seconds", '{"shards": 1.5}',
-        "--baselines", "cooccurrence,content,popularity,random"]))  # fmt: skip
+    stats = evaluate.run(
+        spark,
+        evaluate.parse_args(
+            [
+                "--shards",
+                str(shards),
+                "--listings",
+                str(tmp_path / "inputs" / "listings"),
+                "--embeddings",
+                tables["listing_embeddings"],
+                "--neighbours",
+                tables["listing_neighbours"],
+                "--model",
+                str(model_dir),
+                "--run-date",
+                "2026-11-20",
+                "--out",
+                str(tmp_path / "report"),
+                "--k",
+                "5",
+                "--stage-seconds",
+                '{"shards": 1.5}',
+                "--baselines",
+                "itemknn,rp3beta,ease,content,embedding,popularity,random",
+            ]
+        ),
+    )
 
     # ALS is left out only to keep this test short: tests/test_baselines.py fits it.
-    assert list(stats["headline"]) == ["model", "cooccurrence", "content", "popularity", "random"]
+    assert list(stats["headline"]) == [
+        "model",
+        "itemknn",
+        "rp3beta",
+        "ease",
+        "content",
+        "embedding",
+        "popularity",
+        "random",
+    ]
+    assert stats["validation"]["itemknn"]["name"] == "itemknn_binary_shrink10"
+    assert stats["validation"]["ease"]["lambda"] in scorecard.EASE_LAMBDAS
     assert (
         stats["metrics"]["model.pairs_cold"] == 1.0 and stats["metrics"]["model.pairs_warm"] == 1.0
     )
     assert 0.0 <= stats["metrics"]["model.stability_overlap_at_10"] <= 1.0  # vs 2026-11-19
-    assert "cooccurrence.stability_overlap_at_10" not in stats["metrics"]
+    assert "itemknn.stability_overlap_at_10" not in stats["metrics"]
     stored = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert stored["previous_run_date"] == "2026-11-19"
     page = (tmp_path / "report" / "report.html").read_text()
