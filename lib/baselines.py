@@ -7,27 +7,26 @@ Inputs are the shard stage's outputs: ``examples`` are the training examples
 ``(user_idx, listing_idx, weight)``, whose weights already come from
 ``lib.shards.weight_interactions`` (same event-type weights, same time decay, same cleaning);
 ``listing_features`` is the shard stage's encoded listing table (``has_interactions`` False
-means cold start). Cold listings have no interactions, so popularity, co-occurrence and ALS
-can neither place them nor recommend them; content and random can.
+means cold start). Cold listings have no interactions, so popularity and ALS can neither
+place them nor recommend them; content and random can.
+
+The co-interaction baselines (ItemKNN, RP3beta) are variants of ``lib.cointeraction``, EASE is
+``lib.ease``; ``lib.scorecard`` tunes each on the validation split.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pyspark.ml.recommendation import ALS
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import FloatType, IntegerType, StringType, StructField, StructType
 
 from lib.neighbours import exact_top_k, merge_top_k, ranked_rows
-from lib.parquet_io import read_parquet, write_parquet
 from schemas import TableSpec, training_examples
-
-BASELINES = ("cooccurrence", "als", "content", "popularity", "random")
 
 RANKED_SCHEMA = StructType(
     [
@@ -82,55 +81,6 @@ def popularity_neighbours(examples: DataFrame, listing_features: DataFrame, *, k
     )
     queries = _active_ids(listing_features).select("listing_id")
     return _ranked(queries.crossJoin(F.broadcast(popular)), k)
-
-
-def cooccurrence_neighbours(
-    examples: DataFrame,
-    listing_features: DataFrame,
-    *,
-    k: int,
-    max_items_per_user: int = 200,
-) -> DataFrame:
-    """Item-item cosine over users' decayed interaction weights (classic item-based CF).
-
-    score(i, j) = sum_u w_ui w_uj / (|w_i| |w_j|). Each user contributes at most their
-    ``max_items_per_user`` strongest listings, so one heavy user cannot explode the self-join.
-    Listings nobody co-interacted with get no neighbours.
-    """
-    active = _active_ids(listing_features)
-    strongest = Window.partitionBy("user_idx").orderBy(F.desc("weight"), "listing_idx")
-    weights = (
-        examples.select("user_idx", "listing_idx", F.col("weight").cast("double"))
-        .join(active.select("listing_idx"), "listing_idx")
-        .withColumn("_n", F.row_number().over(strongest))
-        .where(F.col("_n") <= max_items_per_user)
-        .drop("_n")
-    )
-    norms = weights.groupBy("listing_idx").agg(F.sqrt(F.sum(F.col("weight") ** 2)).alias("norm"))
-    left = weights.select("user_idx", F.col("listing_idx").alias("a"), F.col("weight").alias("wa"))
-    right = weights.select("user_idx", F.col("listing_idx").alias("b"), F.col("weight").alias("wb"))
-    dots = (
-        left.join(right, "user_idx")
-        .where(F.col("a") != F.col("b"))
-        .groupBy("a", "b")
-        .agg(F.sum(F.col("wa") * F.col("wb")).alias("dot"))
-    )
-    ids = active.select("listing_idx", "listing_id")
-    scored = (
-        dots.join(norms.select(F.col("listing_idx").alias("a"), F.col("norm").alias("na")), "a")
-        .join(norms.select(F.col("listing_idx").alias("b"), F.col("norm").alias("nb")), "b")
-        .join(ids.select(F.col("listing_idx").alias("a"), "listing_id"), "a")
-        .join(
-            ids.select(F.col("listing_idx").alias("b"), F.col("listing_id").alias("neighbour_id")),
-            "b",
-        )
-        .select(
-            "listing_id",
-            "neighbour_id",
-            (F.col("dot") / (F.col("na") * F.col("nb"))).alias("score"),
-        )
-    )
-    return _ranked(scored, k)
 
 
 def fit_als_item_vectors(
@@ -282,63 +232,3 @@ def random_neighbours(listing_features: DataFrame, *, k: int, seed: int = 7) -> 
             (F.lit(1.0) / (F.col("_j") + 2)).cast("float").alias("score"),
         )
     )
-
-
-def baseline_neighbours(
-    examples: DataFrame,
-    listing_features: DataFrame,
-    cardinalities: Mapping[str, int],
-    *,
-    k: int,
-    seed: int = 7,
-    num_blocks: int = 1,
-    methods: tuple[str, ...] = BASELINES,
-    als_params: Mapping[str, float] | None = None,
-) -> dict[str, DataFrame]:
-    """The neighbour lists of the baselines named in ``methods`` (default: all ``BASELINES``).
-
-    Lazy except for ALS, whose fit runs here when it is asked for.
-    """
-    unknown = sorted(set(methods) - set(BASELINES))
-    if unknown:
-        raise ValueError(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")
-    build = {
-        "cooccurrence": lambda: cooccurrence_neighbours(examples, listing_features, k=k),
-        "als": lambda: als_neighbours(
-            fit_als_item_vectors(examples, listing_features, seed=seed, **(als_params or {})),
-            listing_features,
-            k=k,
-            num_blocks=num_blocks,
-        ),
-        "content": lambda: content_neighbours(
-            listing_features, cardinalities, k=k, num_blocks=num_blocks
-        ),
-        "popularity": lambda: popularity_neighbours(examples, listing_features, k=k),
-        "random": lambda: random_neighbours(listing_features, k=k, seed=seed),
-    }
-    return {name: build[name]() for name in BASELINES if name in methods}
-
-
-def write_baselines(
-    spark: SparkSession,
-    examples: DataFrame,
-    listing_features: DataFrame,
-    cardinalities: Mapping[str, int],
-    work_dir: str | Path,
-    *,
-    k: int,
-    seed: int = 7,
-    methods: tuple[str, ...] = BASELINES,
-) -> dict[str, DataFrame]:
-    """Compute the baselines, write each as Parquet under ``work_dir/<name>`` and read them back.
-
-    IO: the stored lists are computed once, however many metrics read them afterwards.
-    """
-    stored = {}
-    found = baseline_neighbours(
-        examples, listing_features, cardinalities, k=k, seed=seed, methods=methods
-    )
-    for name, lists in found.items():
-        write_parquet(lists, Path(work_dir) / name, RANKED_SPEC)
-        stored[name] = read_parquet(spark, Path(work_dir) / name, RANKED_SPEC)
-    return stored

@@ -79,17 +79,6 @@ def test_popularity_same_list_for_everyone_without_self(spark, catalogue, exampl
     assert all(lid not in ns for lid, ns in got.items())
 
 
-def test_cooccurrence_uses_decayed_weights_and_skips_cold(spark, catalogue, examples):
-    ranked = baselines.cooccurrence_neighbours(examples, catalogue, k=3)
-    got = lists_of(ranked)
-    assert got["A"][0] == "B"  # co-contacted by u1: the strongest pair
-    assert got["D"] == ["C"]  # OLD is inactive, NEW has no history
-    assert "NEW" not in got
-    scores = {(r.listing_id, r.neighbour_id): r.score for r in ranked.collect()}
-    assert scores[("A", "B")] == pytest.approx(scores[("B", "A")])
-    assert 0 < scores[("A", "C")] < scores[("A", "B")] <= 1.0 + 1e-6
-
-
 def test_content_vector_is_a_mean_of_per_feature_similarities():
     blocks = baselines._content_block_sizes(CARDINALITIES)
     base = {c: 0 for c in CODES} | {d: 0.0 for d in DENSE}
@@ -133,12 +122,3 @@ def test_random_neighbours_distinct_active_reproducible(spark, catalogue):
     for lid, ns in first.items():
         assert len(ns) == 3 and len(set(ns)) == 3 and lid not in ns
         assert "OLD" not in ns
-
-
-def test_baseline_neighbours_rejects_unknown_names(spark, catalogue, examples):
-    with pytest.raises(ValueError, match="unknown baselines"):
-        baselines.baseline_neighbours(examples, catalogue, CARDINALITIES, k=2, methods=("knn",))
-    picked = baselines.baseline_neighbours(
-        examples, catalogue, CARDINALITIES, k=2, methods=("random", "popularity")
-    )
-    assert list(picked) == ["popularity", "random"]

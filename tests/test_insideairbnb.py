@@ -152,12 +152,22 @@ def test_albany_pipeline_and_evaluation_end_to_end(spark, tmp_path):
         "--out", f"{root}/report", "--run-id", run_id]))  # fmt: skip
 
     metrics = json.loads(Path(f"{root}/report/metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"model", "cooccurrence", "als", "content", "popularity", "random"}
+    assert set(metrics) == {
+        "model",
+        "itemknn",
+        "rp3beta",
+        "ease",
+        "als",
+        "content",
+        "embedding",
+        "popularity",
+        "random",
+    }
     model = metrics["model"]
     assert model["pairs_cold"] > 0 and model["pairs_warm"] > 0  # new 2025 listings are cold
     for values in metrics.values():
         assert 0.0 <= values["hit_rate_at_10"] <= values["hit_rate_at_20"] <= 1.0
-    assert metrics["cooccurrence"]["hit_rate_at_10_cold"] == 0.0  # no history, no neighbours
+    assert metrics["itemknn"]["hit_rate_at_10_cold"] == 0.0  # no history, no neighbours
     assert metrics["content"]["hit_rate_at_10_cold"] > metrics["random"]["hit_rate_at_10_cold"]
     assert Path(result["report"]).stat().st_size > 50_000
     assert result["metrics"]["model.hit_rate_at_10"] == model["hit_rate_at_10"]
