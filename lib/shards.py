@@ -106,6 +106,42 @@ def split_holdout(
     return events.where(~is_holdout), events.where(is_holdout)
 
 
+# The smallest decay factor an event gets. Unfloored, 0.5 ** (age / half-life) falls below
+# float32's smallest value (the weight's type) after 149 half-lives (8.6 years at 21 days): an
+# imported history's old events then became weight 0 and vanished from the examples with no
+# drop reason. 1e-6 is reached after about 20 half-lives (420 days at 21 days), so a default
+# 90-day lookback (factor >= 0.05) never meets it. Far above float32's limits, its square (a
+# cosine norm term) is still a normal float; and the model weighs examples by log1p(weight),
+# so a pair this old adds nothing to the loss either way: the floor keeps it (its listing has
+# interactions, its user stays known) without giving it weight.
+MIN_DECAY = 1e-6
+
+
+def pair_weights(
+    events: DataFrame,
+    *,
+    run_date: dt.date,
+    event_weights: Mapping[str, float],
+    half_life_days: float,
+) -> DataFrame:
+    """Aggregate events per (user_id, listing_id) into one weight, zero or negative ones kept.
+
+    weight = sum over events of type_weight × max(0.5 ** (age_days / half_life_days),
+    ``MIN_DECAY``), where age is measured from the end of ``run_date``, so yesterday's contact
+    outweighs last month's view. Only event types weighted 0 (or less) give a weight <= 0; the
+    shard stage counts those pairs before it drops them.
+    """
+    type_weight = F.coalesce(
+        F.create_map(*[F.lit(x) for kv in event_weights.items() for x in kv])[F.col("event_type")],
+        F.lit(0.0),
+    )
+    age_days = (_end_of_day(run_date).cast("double") - F.col("event_ts").cast("double")) / 86_400.0
+    decay = F.greatest(F.pow(F.lit(0.5), age_days / F.lit(float(half_life_days))), F.lit(MIN_DECAY))
+    return events.groupBy("user_id", "listing_id").agg(
+        F.sum(type_weight * decay).cast("float").alias("weight")
+    )
+
+
 def weight_interactions(
     events: DataFrame,
     *,
@@ -113,22 +149,10 @@ def weight_interactions(
     event_weights: Mapping[str, float],
     half_life_days: float,
 ) -> DataFrame:
-    """Aggregate events per (user_id, listing_id) into one weight.
-
-    weight = sum over events of type_weight × 0.5 ** (age_days / half_life_days), where age is
-    measured from the end of ``run_date``, so yesterday's contact outweighs last month's view.
-    """
-    type_weight = F.coalesce(
-        F.create_map(*[F.lit(x) for kv in event_weights.items() for x in kv])[F.col("event_type")],
-        F.lit(0.0),
-    )
-    age_days = (_end_of_day(run_date).cast("double") - F.col("event_ts").cast("double")) / 86_400.0
-    decayed = type_weight * F.pow(F.lit(0.5), age_days / F.lit(float(half_life_days)))
-    return (
-        events.groupBy("user_id", "listing_id")
-        .agg(F.sum(decayed).cast("float").alias("weight"))
-        .where(F.col("weight") > 0)
-    )
+    """``pair_weights`` without the pairs whose weight is zero or less (nothing to learn)."""
+    return pair_weights(
+        events, run_date=run_date, event_weights=event_weights, half_life_days=half_life_days
+    ).where(F.col("weight") > 0)
 
 
 def extend_vocabulary(ids: DataFrame, previous: DataFrame | None = None) -> DataFrame:
