@@ -10,7 +10,10 @@ run is recorded ``succeeded`` in the ``runs`` table, the signal consumers read.
 Reads ``ROOT/reports/<date>/metrics.json`` (written by the evaluate stage), writes the verdict to
 ``evaluation_gate.json`` beside it (``record_run`` puts it in the ``runs`` table) and exits 1
 when a rule fails or a metric it names is missing. A rule is ``A OP B`` with OP one of ``>= > <= <``
-and each side a number or ``method.metric``. No Spark: it runs on the orchestrator.
+and each side a number or ``method.metric``. The verdict's ``status`` is ``passed``, ``failed``
+or ``insufficient``: the model scored fewer than ``--min-pairs`` (default 100) held-out pairs,
+too few for any rule to mean something (``lib.sufficiency``); ``reason`` says why. Insufficient
+exits 1 too: such a day must not be recorded good. No Spark: it runs on the orchestrator.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lib import sufficiency
 from lib.paths import Layout
 
 OPERATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
@@ -65,24 +69,54 @@ def check(rules: Sequence[str], metrics: Mapping[str, Mapping[str, float | None]
     return failures
 
 
+def decide(
+    rules: Sequence[str],
+    metrics: Mapping[str, Mapping[str, float | None]],
+    min_pairs: int = sufficiency.MIN_PAIRS,
+) -> dict:
+    """``passed``, ``status`` (passed / failed / insufficient), ``reason``, the model's held-out
+    ``pairs`` and ``min_pairs``, and the rule ``failures`` (still listed when insufficient)."""
+    failures = check(rules, metrics)
+    evaluation = sufficiency.assess(sufficiency.model_pairs(metrics), min_pairs)
+    if evaluation["status"] == sufficiency.INSUFFICIENT:
+        status, reason = sufficiency.INSUFFICIENT, evaluation["reason"]
+    elif failures:
+        status, reason = "failed", "; ".join(failures)
+    else:
+        status, reason = "passed", None
+    return {
+        "passed": status == "passed",
+        "status": status,
+        "reason": reason,
+        "pairs": evaluation["pairs"],
+        "min_pairs": min_pairs,
+        "failures": failures,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True)
     p.add_argument("--run-date", required=True, type=dt.date.fromisoformat)
     p.add_argument("--rule", action="append", default=[], help="repeatable; all must hold")
+    p.add_argument(
+        "--min-pairs",
+        type=int,
+        default=sufficiency.MIN_PAIRS,
+        help="fewer held-out pairs of the model: insufficient",
+    )
     args = p.parse_args(argv)
     path = metrics_path(args.root, args.run_date)
     if path.is_file():
-        metrics = json.loads(path.read_text())["metrics"]
-        failures = check(args.rule, metrics)
+        decided = decide(args.rule, json.loads(path.read_text())["metrics"], args.min_pairs)
     else:
-        failures = [f"{path} is missing: did the evaluate stage run?"]
-    verdict = {"run_date": args.run_date.isoformat(), "passed": not failures,
-               "rules": args.rule, "failures": failures}  # fmt: skip
+        missing = f"{path} is missing: did the evaluate stage run?"
+        decided = {"passed": False, "status": "failed", "reason": missing, "failures": [missing]}
+    verdict = {"run_date": args.run_date.isoformat(), "rules": args.rule, **decided}
     if path.parent.is_dir():
         (path.parent / VERDICT).write_text(json.dumps(verdict, indent=2))
     print(json.dumps(verdict))
-    if failures:
+    if not decided["passed"]:
         sys.exit(1)
 
 

@@ -5,7 +5,9 @@ application, so this entry point (submitted as ``deploy/submit.py … stage reco
 run's facts from its outputs: the shard manifest (counts, input versions), the model's
 metrics.json, the neighbours commit carrying this run id, the evaluation and the evaluation gate's
 verdict. ``succeeded`` means the neighbours are committed *and* the gate passed: that row is
-the signal that today's ``run_date`` partition is good to read. It runs also when an upstream
+the signal that today's ``run_date`` partition is good to read. ``insufficient`` means all ran
+but the evaluation scored too few held-out pairs to judge the day (the gate's reason is in
+``error``); consumers stay on the last succeeded day. It runs also when an upstream
 task failed (trigger rule all_done), records ``failed`` with the reason, and then exits 1 so the
 DAG run fails too.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from lib import delta_io
+from lib import delta_io, sufficiency
 from lib.evaluation import flatten
 from lib.paths import Layout
 from lib.runs import RunRecord, neighbour_quality, run_row
@@ -95,12 +97,19 @@ def collect(args: RecordArgs) -> RunRecord:
     if evaluation is not None:
         record.metrics.update(flatten(evaluation["metrics"]))
     verdict = _json(reports / GATE_VERDICT)
+    insufficient = None
     if verdict is None:
         problems.append("evaluation gate: no verdict")
+    elif verdict.get("status") == sufficiency.INSUFFICIENT:
+        # Not a failure of the run, but not a good day either: its rules compared noise.
+        insufficient = f"evaluation insufficient: {verdict['reason']}"
     elif not verdict["passed"]:
         problems.append("evaluation gate: " + "; ".join(verdict["failures"]))
-    record.status = "failed" if problems else "succeeded"
-    record.error = " | ".join(problems) or None
+    if problems:
+        record.status = "failed"
+    else:
+        record.status = sufficiency.INSUFFICIENT if insufficient else "succeeded"
+    record.error = " | ".join([*problems, *([insufficient] if insufficient else [])]) or None
     return record
 
 

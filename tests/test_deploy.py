@@ -360,7 +360,7 @@ def test_dag_shell_commands_parse_back_into_the_stage_flags():
 
 # --- evaluation gate and record_run ------------------------------------------------------------
 
-METRICS = {"model": {"hit_rate_at_10": 0.3, "full_lists_at_10": 1.0},
+METRICS = {"model": {"hit_rate_at_10": 0.3, "full_lists_at_10": 1.0, "pairs": 500},
            "popularity": {"hit_rate_at_10": 0.1, "full_lists_at_10": 1.0}}  # fmt: skip
 
 
