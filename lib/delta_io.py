@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from delta.tables import DeltaTable as SparkDeltaTable
@@ -181,7 +182,56 @@ def read_input(spark: SparkSession, path: str, spec: TableSpec) -> DataFrame:
     conformed to ``spec`` (safe casts only, ``SchemaError`` otherwise)."""
     if table_exists(path):
         return read_table(spark, path, spec)
+    _require_no_nanosecond_timestamps(_normalise(path), spec)
     return conform(spark.read.parquet(_normalise(path)), spec)
+
+
+NANOSECONDS = (
+    "nanosecond timestamps (pandas' default), which Spark cannot read; write them in "
+    "microseconds: df.to_parquet(path, coerce_timestamps='us', allow_truncated_timestamps=True) "
+    "or df[column] = df[column].astype('datetime64[us, UTC]') first"
+)
+
+
+def _require_no_nanosecond_timestamps(uri: str, spec: TableSpec) -> None:
+    """``SchemaError`` naming the column when a Parquet file of the input holds nanoseconds.
+
+    Spark stops on INT64 TIMESTAMP(NANOS) with a bare AnalysisException (PARQUET_TYPE_ILLEGAL)
+    that names neither table nor column, and only after a failed task. Its legacy
+    ``nanosAsLong`` reading gives longs, not timestamps. So the footers are checked first (in
+    parallel, no data read), every file, since files written by different tools can differ.
+    """
+    fs, root = _filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        files = [root]
+    elif info.type == pafs.FileType.Directory:
+        files = sorted(
+            f.path
+            for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            if f.type == pafs.FileType.File and not _is_hidden(_relative(f.path, root))
+        )
+    else:
+        return  # Spark names the missing path
+
+    def nanosecond_column(file_path: str) -> str | None:
+        try:
+            schema = pq.read_schema(file_path, filesystem=fs)
+        except pa.ArrowInvalid:
+            return None  # not Parquet: Spark's own error says so
+        return next((f.name for f in schema if _holds_nanoseconds(f.type)), None)
+
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        for file_path, column in zip(files, pool.map(nanosecond_column, files), strict=True):
+            if column is not None:
+                raise SchemaError(spec.name, column, f"{NANOSECONDS} (file {file_path})")
+
+
+def _holds_nanoseconds(data_type: pa.DataType) -> bool:
+    if pa.types.is_timestamp(data_type):
+        return data_type.unit == "ns"
+    # Lists, structs and maps: Spark fails on a nanosecond field anywhere inside them too.
+    return any(_holds_nanoseconds(data_type.field(i).type) for i in range(data_type.num_fields))
 
 
 def input_version(path: str) -> str:
