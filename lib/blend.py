@@ -42,8 +42,12 @@ COMPONENTS = ("cointeraction", "content", "model")
 SUPPORT_EDGES = (1, 3, 10)
 GRID_STEP = 0.1
 # A group with fewer validation pairs than this uses the weights chosen over all pairs.
-MIN_GROUP_PAIRS = 30
+MIN_GROUP_PAIRS = 100
 HIT_AT = 10
+# Where a candidate without any history stands on co-interaction, in standard deviations of
+# the listing's candidates: its absence from the co-interaction list is no evidence against it,
+# unlike a listing with history that nobody co-interacted with. Chosen on validation too.
+NEW_LISTING_SCORES = (-1.0, 0.0, 1.0)
 
 
 def support_group(users: np.ndarray | float) -> np.ndarray:
@@ -74,10 +78,12 @@ def weight_grid(step: float = GRID_STEP) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Candidates:
-    """One listing's candidate union: ids and the raw score of each component (NaN: absent)."""
+    """One listing's candidate union: ids, the raw score of each component (NaN: absent) and
+    which candidates have no history at all."""
 
     ids: np.ndarray  # object array of neighbour ids
     raw: np.ndarray  # [n, len(COMPONENTS)]
+    new: np.ndarray  # bool [n]
 
 
 def candidate_union(
@@ -90,39 +96,53 @@ def candidate_union(
     *,
     query_id: str,
     cf_limit: int,
+    content_new: Sequence[bool] | None = None,
+    model_new: Sequence[bool] | None = None,
 ) -> Candidates:
     """The union of the three lists (co-interaction cut to its ``cf_limit`` best), self
-    excluded, ids in ascending order."""
+    excluded, ids in ascending order. ``content_new`` / ``model_new`` flag the neighbours of
+    those lists that have no history."""
     keep = top_positions(np.asarray(cf_scores, dtype=np.float64), np.asarray(cf_ids), cf_limit)
     lists = (
         (np.asarray(cf_ids, dtype=object)[keep], np.asarray(cf_scores, dtype=np.float64)[keep]),
         (np.asarray(content_ids, dtype=object), np.asarray(content_scores, dtype=np.float64)),
         (np.asarray(model_ids, dtype=object), np.asarray(model_scores, dtype=np.float64)),
     )
+    flags = (None, content_new, model_new)
     ids = np.unique(np.concatenate([ids for ids, _ in lists]).astype(str))
     ids = ids[ids != query_id]
     raw = np.full((len(ids), len(COMPONENTS)), np.nan)
-    for column, (found, scores) in enumerate(lists):
+    new = np.zeros(len(ids), dtype=bool)
+    for column, ((found, scores), flag) in enumerate(zip(lists, flags, strict=True)):
         if len(found):
             at = np.searchsorted(ids, found.astype(str))
             inside = (at < len(ids)) & (ids[np.minimum(at, len(ids) - 1)] == found.astype(str))
             raw[at[inside], column] = scores[inside]
-    return Candidates(ids.astype(object), raw)
+            if flag is not None and len(flag):
+                new[at[inside]] |= np.asarray(flag, dtype=bool)[inside]
+    return Candidates(ids.astype(object), raw, new)
 
 
-def standardise(raw: np.ndarray) -> np.ndarray:
+def standardise(
+    raw: np.ndarray, new: np.ndarray | None = None, new_score: float = 0.0
+) -> np.ndarray:
     """Per component: absent -> the component's lowest present score, then z-scores over the
-    candidates (a component with no spread, or absent everywhere, contributes zeros)."""
+    candidates (a component with no spread, or absent everywhere, contributes zeros). On
+    co-interaction (column 0), candidates without history (``new``) are left out of the
+    statistics and scored ``new_score`` instead."""
     out = np.zeros_like(raw)
+    new = np.zeros(len(raw), dtype=bool) if new is None else np.asarray(new, dtype=bool)
     for column in range(raw.shape[1]):
-        values = raw[:, column]
+        rows = ~new if column == 0 else np.ones(len(raw), dtype=bool)
+        values = raw[rows, column]
         present = ~np.isnan(values)
-        if not present.any():
-            continue
-        filled = np.where(present, values, values[present].min())
-        spread = filled.std()
-        if spread > 1e-12:
-            out[:, column] = (filled - filled.mean()) / spread
+        if present.any():
+            filled = np.where(present, values, values[present].min())
+            spread = filled.std()
+            if spread > 1e-12:
+                out[rows, column] = (filled - filled.mean()) / spread
+        if column == 0 and present.any():
+            out[new, 0] = new_score
     return out
 
 
@@ -161,6 +181,24 @@ class ValidationQuery:
     model_ids: np.ndarray
     model_scores: np.ndarray
     targets: list[str]
+    content_new: np.ndarray | None = None
+    model_new: np.ndarray | None = None
+
+    def candidates(self, variant: Variant, cf_limit: int) -> Candidates:
+        """The candidate union, co-interaction scored by ``variant``."""
+        cf = variant_scores(variant, self.cf_columns) if len(self.cf_ids) else np.zeros(0)
+        return candidate_union(
+            self.cf_ids,
+            cf,
+            self.content_ids,
+            self.content_scores,
+            self.model_ids,
+            self.model_scores,
+            query_id=self.query_id,
+            cf_limit=cf_limit,
+            content_new=self.content_new,
+            model_new=self.model_new,
+        )
 
 
 def _hits(ranks: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,50 +259,51 @@ def choose_weights(
     component per group and overall, for the runs row and the report.
     """
     grid = weight_grid() if grid is None else grid
+    fills = np.asarray(NEW_LISTING_SCORES)
+    # Every (new-listing score, weights) pair: column f * len(grid) + g.
+    combos = [(f, g) for f in range(len(fills)) for g in range(len(grid))]
     groups = len(SUPPORT_EDGES) + 1
-    hits = np.zeros((groups, len(grid)))
-    mrr = np.zeros((groups, len(grid)))
+    hits = np.zeros((groups, len(combos)))
+    mrr = np.zeros((groups, len(combos)))
     pairs = np.zeros(groups, dtype=int)
     for query in queries:
-        cf_scores = variant_scores(variant, query.cf_columns) if len(query.cf_ids) else np.zeros(0)
-        found = candidate_union(
-            query.cf_ids,
-            cf_scores,
-            query.content_ids,
-            query.content_scores,
-            query.model_ids,
-            query.model_scores,
-            query_id=query.query_id,
-            cf_limit=cf_limit,
+        found = query.candidates(variant, cf_limit)
+        blended = np.concatenate(
+            [standardise(found.raw, found.new, fill) @ grid.T for fill in fills], axis=1
         )
-        blended = standardise(found.raw) @ grid.T
         group = int(support_group(query.support))
         for target in query.targets:
-            h, r = _hits(target_ranks(blended, found.ids, target), len(grid))
+            h, r = _hits(target_ranks(blended, found.ids, target), len(combos))
             hits[group] += h
             mrr[group] += r
             pairs[group] += 1
-    overall = np.lexsort((-np.arange(len(grid)), mrr.sum(0), hits.sum(0)))[-1]
+    order = -np.arange(len(combos))
+    overall = int(np.lexsort((order, mrr.sum(0), hits.sum(0)))[-1])
     if pairs.sum() < min_group_pairs:
         # Too little validation to choose anything: every component weighs about the same.
-        overall = int(np.argmin(np.abs(grid - 1 / len(COMPONENTS)).sum(axis=1)))
+        equal = int(np.argmin(np.abs(grid - 1 / len(COMPONENTS)).sum(axis=1)))
+        overall = combos.index((int(np.argmin(np.abs(fills))), equal))
     chosen = []
     for g in range(groups):
-        best = np.lexsort((-np.arange(len(grid)), mrr[g], hits[g]))[-1]
-        chosen.append(int(best) if pairs[g] >= min_group_pairs else int(overall))
+        best = int(np.lexsort((order, mrr[g], hits[g]))[-1])
+        chosen.append(best if pairs[g] >= min_group_pairs else overall)
     names = group_names()
-    pure = {c: i for i, c in enumerate(COMPONENTS)}  # the grid's first rows
+    pure = {c: combos.index((0, i)) for i, c in enumerate(COMPONENTS)}  # the grid's first rows
 
     def rate(values: np.ndarray, count: int) -> float | None:
         return float(values / count) if count else None
 
-    report = {
+    def weights_of(combo: int) -> dict[str, float]:
+        fill, row = combos[combo]
+        return {
+            **dict(zip(COMPONENTS, grid[row].tolist(), strict=True)),
+            "new_listing_cointeraction": float(fills[fill]),
+        }
+
+    return {
         "variant": variant.to_dict(),
         "support_edges": list(SUPPORT_EDGES),
-        "weights": {
-            names[g]: dict(zip(COMPONENTS, grid[chosen[g]].tolist(), strict=True))
-            for g in range(groups)
-        },
+        "weights": {names[g]: weights_of(chosen[g]) for g in range(groups)},
         "pairs_by_group": {names[g]: int(pairs[g]) for g in range(groups)},
         "hit_rate_at_10": {
             "blend": rate(sum(hits[g, chosen[g]] for g in range(groups)), pairs.sum()),
@@ -278,27 +317,47 @@ def choose_weights(
             for g in range(groups)
         },
     }
-    return report
 
 
 def weights_table(choice: Mapping) -> np.ndarray:
-    """[groups, components] weights from ``choose_weights``' result."""
-    return np.array([[choice["weights"][g][c] for c in COMPONENTS] for g in group_names()])
+    """[groups, components + 1] from ``choose_weights``' result: the weights, then the score of
+    a candidate without history on co-interaction."""
+    columns = (*COMPONENTS, "new_listing_cointeraction")
+    return np.array([[choice["weights"][g][c] for c in columns] for g in group_names()])
 
 
 # ---------------------------------------------------------------------------------------------
 # Publication (Spark): every listing's candidate union, blended inside tasks
 
-BLEND_INPUT_COLUMNS = (
-    "listing_id",
-    "support",
-    "cf",
-    "content_ids",
-    "content_scores",
-    "model_ids",
-    "model_scores",
-)
 BLENDED_SCHEMA = "listing_id string, neighbour_ids array<string>, scores array<float>"
+
+
+def _flag_new(lists: DataFrame, support: DataFrame, prefix: str) -> DataFrame:
+    """Ranked lists as (listing_id, <prefix>_ids, <prefix>_scores, <prefix>_new), the last
+    flagging neighbours without history, in list order."""
+    users = support.select(F.col("listing_id").alias("neighbour_id"), "users")
+    rows = (
+        lists.select(
+            "listing_id", "scores", F.posexplode("neighbour_ids").alias("pos", "neighbour_id")
+        )
+        .join(users, "neighbour_id", "left")
+        .select(
+            "listing_id",
+            F.struct(
+                "pos",
+                "neighbour_id",
+                F.col("scores")[F.col("pos")].alias("score"),
+                F.col("users").isNull().alias("new"),
+            ).alias("item"),
+        )
+    )
+    ordered = rows.groupBy("listing_id").agg(F.sort_array(F.collect_list("item")).alias("items"))
+    return ordered.select(
+        "listing_id",
+        F.col("items.neighbour_id").alias(f"{prefix}_ids"),
+        F.col("items.score").alias(f"{prefix}_scores"),
+        F.col("items.new").alias(f"{prefix}_new"),
+    )
 
 
 def blend_inputs(
@@ -310,40 +369,21 @@ def blend_inputs(
 ) -> DataFrame:
     """One row per listing of ``listings`` (listing_id) with everything the blend reads.
 
-    ``support``: (listing_id, users); ``cointeraction``: the co-interaction table;
-    ``content_lists`` and ``model_lists``: ranked lists (listing_id, neighbour_ids, scores).
+    ``support``: (listing_id, users) of the listings with history; ``cointeraction``: the
+    co-interaction table; ``content_lists`` and ``model_lists``: ranked lists (listing_id,
+    neighbour_ids, scores).
     """
-    cf = grouped_partners(cointeraction)
     return (
         listings.select("listing_id")
         .join(support.select("listing_id", F.col("users").alias("support")), "listing_id", "left")
-        .join(cf, "listing_id", "left")
-        .join(
-            content_lists.select(
-                "listing_id",
-                F.col("neighbour_ids").alias("content_ids"),
-                F.col("scores").alias("content_scores"),
-            ),
-            "listing_id",
-            "left",
-        )
-        .join(
-            model_lists.select(
-                "listing_id",
-                F.col("neighbour_ids").alias("model_ids"),
-                F.col("scores").alias("model_scores"),
-            ),
-            "listing_id",
-            "left",
-        )
+        .join(grouped_partners(cointeraction), "listing_id", "left")
+        .join(_flag_new(content_lists, support, "content"), "listing_id", "left")
+        .join(_flag_new(model_lists, support, "model"), "listing_id", "left")
         .select(
             "listing_id",
             F.coalesce(F.col("support"), F.lit(0)).alias("support"),
             "cf",
-            "content_ids",
-            "content_scores",
-            "model_ids",
-            "model_scores",
+            *[f"{p}_{c}" for p in ("content", "model") for c in ("ids", "scores", "new")],
         )
     )
 
@@ -359,10 +399,11 @@ def validation_queries(rows: pa.Table, targets: Mapping[str, list[str]]) -> list
     """``blend_inputs`` rows (collected for a sample) as ``ValidationQuery`` objects."""
     found = []
     cf_column = rows.column("cf").combine_chunks()
+    names = [f"{p}_{c}" for p in ("content", "model") for c in ("ids", "scores", "new")]
     lists = {
-        name: rows.column(name).combine_chunks()
-        for name in ("content_ids", "content_scores", "model_ids", "model_scores")
+        name: rows.column(name).combine_chunks() for name in names if name in rows.column_names
     }
+    empty = pa.array([None] * rows.num_rows, pa.list_(pa.bool_()))
     for i, query_id in enumerate(rows.column("listing_id").to_pylist()):
         cf_value = cf_column[i]
         cf_ids, cf_columns = partner_columns(cf_value.values if cf_value.is_valid else None)
@@ -377,6 +418,8 @@ def validation_queries(rows: pa.Table, targets: Mapping[str, list[str]]) -> list
                 model_ids=_list_of(lists["model_ids"], i),
                 model_scores=_list_of(lists["model_scores"], i).astype(np.float64),
                 targets=list(targets.get(query_id, [])),
+                content_new=_list_of(lists.get("content_new", empty), i).astype(bool),
+                model_new=_list_of(lists.get("model_new", empty), i).astype(bool),
             )
         )
     return found
@@ -387,30 +430,18 @@ def _blend_tasks(variant: Variant, weights: np.ndarray, k: int, cf_limit: int):
         for batch in batches:
             table = pa.Table.from_batches([batch])
             out_ids, out_scores = [], []
-            queries = validation_queries(table, {})
-            for query in queries:
-                cf_scores = (
-                    variant_scores(variant, query.cf_columns) if len(query.cf_ids) else np.zeros(0)
-                )
-                found = candidate_union(
-                    query.cf_ids,
-                    cf_scores,
-                    query.content_ids,
-                    query.content_scores,
-                    query.model_ids,
-                    query.model_scores,
-                    query_id=query.query_id,
-                    cf_limit=cf_limit,
-                )
-                w = weights[int(support_group(query.support))]
-                ids, scores = ranked(found.ids, standardise(found.raw) @ w, k)
+            for query in validation_queries(table, {}):
+                found = query.candidates(variant, cf_limit)
+                row = weights[int(support_group(query.support))]
+                z = standardise(found.raw, found.new, float(row[len(COMPONENTS)]))
+                ids, scores = ranked(found.ids, z @ row[: len(COMPONENTS)], k)
                 out_ids.append([str(i) for i in ids])
-                out_scores.append(scores.astype(np.float32))
+                out_scores.append(scores.astype(np.float32).tolist())
             yield pa.RecordBatch.from_arrays(
                 [
                     table.column("listing_id").combine_chunks(),
                     pa.array(out_ids, pa.list_(pa.string())),
-                    pa.array([s.tolist() for s in out_scores], pa.list_(pa.float32())),
+                    pa.array(out_scores, pa.list_(pa.float32())),
                 ],
                 names=["listing_id", "neighbour_ids", "scores"],
             )

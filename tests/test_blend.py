@@ -128,7 +128,9 @@ def validation_set(rng, n_queries=120):
 
 
 def test_validation_picks_content_for_cold_and_co_interaction_for_supported_listings():
-    choice = blend.choose_weights(validation_set(np.random.default_rng(0)), ITEMKNN, cf_limit=50)
+    choice = blend.choose_weights(
+        validation_set(np.random.default_rng(0)), ITEMKNN, cf_limit=50, min_group_pairs=30
+    )
     assert choice["weights"]["cold"]["content"] > choice["weights"]["cold"]["model"]
     supported = choice["weights"]["users_10+"]
     assert supported["cointeraction"] > supported["model"]
@@ -162,7 +164,9 @@ def test_too_little_validation_weighs_the_components_about_equally():
         [query("q", content=[("a", 1.0)], targets=["a"])], ITEMKNN, cf_limit=5
     )
     for weights in choice["weights"].values():
-        assert max(weights.values()) - min(weights.values()) <= 0.1 + 1e-9
+        shares = [weights[c] for c in blend.COMPONENTS]
+        assert max(shares) - min(shares) <= 0.1 + 1e-9
+        assert weights["new_listing_cointeraction"] == 0.0
 
 
 def test_variant_scores_rank_the_targets():
@@ -206,7 +210,9 @@ def test_blended_lists_in_spark_equal_the_per_listing_numpy(spark):
         [(f"L{i}", [f"L{j}" for j in range(4) if j != i][::-1], [0.8, 0.6, 0.2]) for i in range(4)],
         LISTS,
     )
-    weights = np.array([[0.0, 1.0, 0.0], [0.2, 0.4, 0.4], [0.5, 0.3, 0.2], [0.8, 0.1, 0.1]])
+    weights = np.array(
+        [[0.0, 1.0, 0.0, 0.0], [0.2, 0.4, 0.4, 0.0], [0.5, 0.3, 0.2, 1.0], [0.8, 0.1, 0.1, -1.0]]
+    )
     inputs = blend.blend_inputs(listings, support, cointeraction, content, model)
     got = {
         r.listing_id: (list(r.neighbour_ids), list(r.scores))
@@ -217,23 +223,39 @@ def test_blended_lists_in_spark_equal_the_per_listing_numpy(spark):
     rows = blend.validation_queries(inputs.toArrow(), {})
     assert {q.query_id for q in rows} == set(got) == {f"L{i}" for i in range(4)}
     for q in rows:
-        cf = blend.variant_scores(ITEMKNN, q.cf_columns) if len(q.cf_ids) else np.zeros(0)
-        found = blend.candidate_union(
-            q.cf_ids,
-            cf,
-            q.content_ids,
-            q.content_scores,
-            q.model_ids,
-            q.model_scores,
-            query_id=q.query_id,
-            cf_limit=5,
-        )
+        found = q.candidates(ITEMKNN, 5)
         w = weights[int(blend.support_group(q.support))]
-        ids, scores = blend.ranked(found.ids, blend.standardise(found.raw) @ w, 2)
+        ids, scores = blend.ranked(
+            found.ids, blend.standardise(found.raw, found.new, w[3]) @ w[:3], 2
+        )
         assert got[q.query_id][0] == list(ids)
         np.testing.assert_allclose(got[q.query_id][1], scores, rtol=1e-5)
     # L3 has no history: group "cold" weighs content only, so its content list leads.
     assert got["L3"][0] == ["L0", "L1"]
+    # L3 is the only candidate without history, as the model and content lists say.
+    assert {
+        i for q in rows for i, new in zip(q.content_ids, q.content_new, strict=True) if new
+    } == {"L3"}
+
+
+def test_a_new_candidate_scores_as_chosen_on_co_interaction_not_as_the_lowest():
+    raw = np.array([[3.0, 0.5, 0.1], [1.0, 0.4, 0.1], [np.nan, 0.9, 0.1], [np.nan, 0.2, 0.1]])
+    new = np.array([False, False, True, False])
+    z = blend.standardise(raw, new, 1.0)
+    assert z[2, 0] == 1.0  # new: scored as chosen
+    assert z[3, 0] == pytest.approx(z[1, 0])  # has history, no co-interaction: the lowest
+    found = blend.candidate_union(
+        np.array(["a"], dtype=object),
+        np.array([1.0]),
+        ["b", "c"],
+        [0.9, 0.8],
+        [],
+        [],
+        query_id="q",
+        cf_limit=5,
+        content_new=[True, False],
+    )
+    assert list(found.ids) == ["a", "b", "c"] and list(found.new) == [False, True, False]
 
 
 def test_validation_queries_read_absent_lists_as_empty():

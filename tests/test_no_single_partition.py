@@ -119,21 +119,14 @@ def test_sorted_positions_with_ties_are_sql_rank(spark, num_partitions):
     assert {r.listing_id: r.rank0 + 1 for r in got.collect()} == sql_rank
 
 
-def test_sorted_positions_read_one_range_shuffle(spark):
-    # The per-partition counts must come from the very shuffle the rows come from.
-    out = sorted_positions(ids_df(spark, [f"x{i}" for i in range(200)]), ["id"], num_partitions=5)
-    assert sorted(r.position for r in out.collect()) == list(range(200))
-    assert "ReusedExchange" in out._jdf.queryExecution().executedPlan().toString()
-    # ...and read whole: adaptive execution must not coalesce or split the range partitions.
-    for node in plan_nodes(out):
-        if node.getClass().getSimpleName() == "AQEShuffleReadExec":
-            exchange = node.child().plan()
-            assert "Range" not in exchange.outputPartitioning().getClass().getSimpleName()
-    with (
-        sql_conf(spark, "spark.sql.exchange.reuse", "false"),
-        pytest.raises(ValueError, match=r"exchange\.reuse"),
-    ):
-        sorted_positions(ids_df(spark, ["a"]), ["id"])
+def test_sorted_positions_are_exact_at_a_size_spread_over_many_partitions(spark):
+    # 30,000 ids over 8 input partitions and 16 buckets: every id gets its sorted position.
+    ids = [f"u{(i * 7919) % 30_000:05d}x" for i in range(30_000)]
+    df = ids_df(spark, ids).repartition(8)
+    got = sorted_positions(df, ["id"], num_partitions=16).toPandas()
+    assert sorted(got["position"]) == list(range(30_000))
+    expected = {v: i for i, v in enumerate(sorted(ids))}
+    assert all(expected[r.id] == r.position for r in got.itertuples())
     with pytest.raises(ValueError, match="prefix"):
         sorted_positions(ids_df(spark, ["a"]), ["id"], ties=["other"])
 
