@@ -36,7 +36,12 @@ def parse_args(argv: Sequence[str] | None = None) -> GenerateArgs:
     p.add_argument("--days", type=int, default=d.days)
     p.add_argument("--end-date", type=dt.date.fromisoformat, help="exclusive; default today UTC")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--cold-share", type=float, default=d.cold_share)
+    p.add_argument(
+        "--cold-share",
+        type=float,
+        default=d.cold_share,
+        help="share of active listings that are new: online (and viewed) in the last 4 days only",
+    )
     a = p.parse_args(argv)
     return GenerateArgs(
         a.out, a.listings, a.users, a.events, a.days, a.end_date, a.seed, a.cold_share
