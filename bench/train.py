@@ -187,6 +187,7 @@ def run_config(shards: Path, config: dict, args: argparse.Namespace) -> dict:
         shards_dir=str(shards),
         out_dir=str(out),
         epochs=args.epochs,
+        min_steps=0,  # a throughput bench: exactly --epochs
         batch_size=args.batch_size,
         dim=args.dim,
         id_dim=args.dim,

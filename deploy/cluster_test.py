@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             seconds["cluster_start"] = round(time.perf_counter() - mark, 1)
             ranks = args.workers * args.cores
             pipeline_flags = ["--root", str(root), "--run-date", RUN_DATE.isoformat(),
-                              "--k", str(args.k), "--epochs", str(args.epochs),
+                              "--k", str(args.k), "--epochs", str(args.epochs), "--min-steps", "0",
                               "--num-processes", str(ranks), "--batch-size", "512"]  # fmt: skip
             small = ["--conf", f"spark.executor.cores={args.executor_cores}",
                      "--conf", "spark.executor.memory=1500m",

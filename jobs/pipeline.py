@@ -67,6 +67,8 @@ class PipelineArgs:
     min_recall: float = compute_neighbours.NeighbourArgs.min_recall
     # Fewer held-out pairs of the model than this and the run is recorded insufficient.
     min_pairs: int = sufficiency.MIN_PAIRS
+    # Small data sets train more epochs than --epochs (at least this many steps per rank).
+    min_steps: int = train_embeddings.TrainArgs.min_steps
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
@@ -105,6 +107,9 @@ def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
         "--min-recall", type=float, default=d.min_recall, help="neighbours gate: recall@k"
     )
     p.add_argument(
+        "--min-steps", type=int, default=d.min_steps, help="training: at least this many steps"
+    )
+    p.add_argument(
         "--min-pairs",
         type=int,
         default=d.min_pairs,
@@ -139,6 +144,7 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
                    "--event-weights", args.event_weights, "--num-files", str(args.num_files),
                    *(["--previous-shards", previous] if previous else [])],
         "train": ["--shards", shards, "--out", model_dir, "--epochs", str(args.epochs),
+                  "--min-steps", str(args.min_steps),
                   "--num-processes", str(args.num_processes), "--batch-size", str(args.batch_size),
                   "--dim", str(args.dim), "--seed", str(args.seed)],
         "embeddings": ["--shards", shards, "--model", f"{model_dir}/model.pt",

@@ -33,6 +33,7 @@ class TrainArgs:
     log_every: int = 50
     seed: int = 7
     max_restarts: int = 3
+    min_steps: int = 1_000
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
@@ -40,7 +41,14 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shards", required=True, help="shards directory (with manifest.json)")
     p.add_argument("--out", required=True, help="output dir: checkpoints/, model.pt, metrics.json")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="at least this many epochs")
+    p.add_argument(
+        "--min-steps",
+        type=int,
+        default=d.min_steps,
+        help="more epochs for small data: at least this many steps per rank; the "
+        "epoch best on the validation pairs is kept",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--dim", type=int, default=d.dim)
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW lr (MLP, feature embeddings)")

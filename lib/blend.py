@@ -46,8 +46,9 @@ MIN_GROUP_PAIRS = 100
 HIT_AT = 10
 # Where a candidate without any history stands on co-interaction, in standard deviations of
 # the listing's candidates: its absence from the co-interaction list is no evidence against it,
-# unlike a listing with history that nobody co-interacted with. Chosen on validation too.
-NEW_LISTING_SCORES = (-1.0, 0.0, 1.0)
+# unlike a listing with history that nobody co-interacted with. Chosen on validation too,
+# the neutral 0 first so that it wins ties.
+NEW_LISTING_SCORES = (0.0, -1.0, 1.0)
 
 
 def support_group(users: np.ndarray | float) -> np.ndarray:

@@ -223,9 +223,28 @@ def write_shards(
         listing_features = read_parquet(
             spark, out / "listing_features", training_examples.LISTING_FEATURES_SPEC
         )
-        validation_queries = evaluation.holdout_pairs(
+        validation_pairs = evaluation.holdout_pairs(
             read_parquet(spark, out / "validation", training_examples.HOLDOUT_SPEC)
-        ).select(F.col("query_id").alias("listing_id"))
+        )
+        validation_queries = validation_pairs.select(F.col("query_id").alias("listing_id"))
+        ids = listing_features.where(F.col("is_active")).select("listing_id", "listing_idx")
+        write_parquet(
+            validation_pairs.join(
+                ids.select(
+                    F.col("listing_id").alias("query_id"), F.col("listing_idx").alias("query_idx")
+                ),
+                "query_id",
+            )
+            .join(
+                ids.select(
+                    F.col("listing_id").alias("target_id"), F.col("listing_idx").alias("target_idx")
+                ),
+                "target_id",
+            )
+            .select("query_idx", "target_idx"),
+            out / "validation_pairs",
+            training_examples.VALIDATION_PAIRS_SPEC,
+        )
         for name, source, queries in (
             ("cointeraction_fit", "train", validation_queries),
             ("cointeraction_full", "train_full", None),

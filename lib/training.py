@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from lib.loader import ShardDataset, read_listing_features
 from lib.model import TwoTowerConfig, TwoTowerModel
+from lib.model_selection import read_validation_set, validation_hit_rate
 from schemas.training_examples import CATEGORICAL_CODES
 from schemas.training_examples import SPEC as TRAINING_EXAMPLES_SPEC
 
@@ -63,6 +64,11 @@ class TrainParams:
     log_every: int = 50
     threads: int = 1
     use_gpu: bool = False
+    # Small data sets get more epochs than ``epochs``: at least this many steps per rank. The
+    # artifact keeps the epoch that scored best on the validation pairs (lib.model_selection).
+    min_steps: int = 1_000
+    # Validation (and the checkpoint that goes with it) runs after at most this many epochs.
+    max_validations: int = 10
 
 
 class SparseRowAdam(torch.optim.Optimizer):
@@ -393,13 +399,18 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         num_workers=params.num_workers,
         pin_memory=device.type == "cuda",
     )
+    epochs = max(params.epochs, math.ceil(params.min_steps / max(len(dataset), 1)))
+    validate_every = max(1, math.ceil(epochs / max(params.max_validations, 1)))
+    validation = read_validation_set(params.shards_dir, config.num_listings, seed=params.seed)
+    features = dataset.layout.listing_features
     if rank == 0:
         _log(
             f"training: world_size {world}, {len(files)} files, {len(dataset)} batches/rank/epoch, "
-            f"epochs {start_epoch + 1}..{params.epochs}, device {device}"
+            f"epochs {start_epoch + 1}..{epochs}, device {device}, "
+            f"{len(validation) if validation else 'no'} validation pairs"
         )
 
-    for epoch in range(start_epoch, params.epochs):
+    for epoch in range(start_epoch, epochs):
         _seed_everything(params.seed, epoch, rank)
         dataset.set_epoch(epoch)
         net.train()
@@ -430,21 +441,43 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
         history.append(_epoch_summary(epoch, loss_sum, batches, examples, seconds, cpu, device))
+        checkpointed = (epoch + 1) % validate_every == 0 or epoch + 1 == epochs
+        h = history[-1]
+        if checkpointed and validation is not None:
+            # Rank 0 scores; every rank records the same number (their metrics must agree).
+            found = torch.zeros((), dtype=torch.float64, device=device)
+            if rank == 0:
+                found += validation_hit_rate(model, features, validation, device=device)
+            dist.broadcast(found, src=0)
+            h["validation_hit_rate_at_10"] = float(found)
         if rank == 0:
-            h = history[-1]
+            found = h.get("validation_hit_rate_at_10")
             _log(
                 f"epoch {epoch + 1} done: loss {h['loss']:.4f}, {h['examples']} examples, "
                 f"{h['seconds']:.1f}s, examples/s {h['examples_per_s']:,.0f}"
+                + (f", validation hit@10 {found:.4f}" if found is not None else "")
             )
-            save_atomic(
-                _checkpoint(params, config, model, sparse_opt, dense_opt, epoch + 1, step, history),
-                checkpoint_path(params.out_dir, epoch + 1),
-            )
+            if checkpointed:
+                save_atomic(
+                    _checkpoint(
+                        params, config, model, sparse_opt, dense_opt, epoch + 1, step, history
+                    ),
+                    checkpoint_path(params.out_dir, epoch + 1),
+                )
         # Without this the other ranks' next epoch would start its clock while rank 0 writes.
         dist.barrier()
 
+    best_epoch = _best_epoch(history)
     metrics = _metrics(params, model, history, world, step, resumed_from)
+    metrics["best_epoch"] = best_epoch
+    metrics["validation_hit_rate_at_10"] = next(
+        (h.get("validation_hit_rate_at_10") for h in history if h["epoch"] == best_epoch), None
+    )
     if rank == 0:
+        if best_epoch != history[-1]["epoch"]:
+            state = load_checkpoint(checkpoint_path(params.out_dir, best_epoch))
+            model.load_state_dict(state["model"])
+            _log(f"keeping epoch {best_epoch}: the best on the validation pairs")
         _write_outputs(params, config, manifest, model, metrics)
     dist.barrier()
     return metrics
@@ -567,6 +600,15 @@ def _epoch_summary(
         # machine examples per CPU-second says more about the code than wall-clock rates.
         "cpu_seconds": cpu_total,
     }
+
+
+def _best_epoch(history: list[dict[str, Any]]) -> int:
+    """The validated epoch with the best hit@10 (the earliest of equals); the last without."""
+    scored = [h for h in history if h.get("validation_hit_rate_at_10") is not None]
+    if not scored:
+        return int(history[-1]["epoch"])
+    best = max(scored, key=lambda h: (h["validation_hit_rate_at_10"], -h["epoch"]))
+    return int(best["epoch"])
 
 
 def _resume(params, config, model, sparse_opt, dense_opt) -> tuple[int, int, list] | None:

@@ -122,3 +122,12 @@ PAIRS_SCHEMA = StructType(
     ]
 )
 PAIRS_SPEC = TableSpec(name="holdout_pairs", schema=PAIRS_SCHEMA)
+
+# The validation days' pairs by listing index: what training scores its epochs on.
+VALIDATION_PAIRS_SCHEMA = StructType(
+    [
+        StructField("query_idx", IntegerType(), nullable=False),
+        StructField("target_idx", IntegerType(), nullable=False),
+    ]
+)
+VALIDATION_PAIRS_SPEC = TableSpec(name="validation_pairs", schema=VALIDATION_PAIRS_SCHEMA)

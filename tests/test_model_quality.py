@@ -62,6 +62,7 @@ def world(spark, tmp_path_factory) -> World:
         epochs=8,
         batch_size=512,
         log_every=0,
+        min_steps=0,
     )
     with pytest.MonkeyPatch.context() as env:
         for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):

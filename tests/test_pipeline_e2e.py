@@ -30,7 +30,18 @@ def finished_run(spark, tmp_path_factory):
     result = pipeline.run(
         spark,
         pipeline.parse_args(
-            ["--root", root, "--run-date", RUN_DATE.isoformat(), "--k", str(K), "--epochs", "2"]
+            [
+                "--root",
+                root,
+                "--run-date",
+                RUN_DATE.isoformat(),
+                "--k",
+                str(K),
+                "--epochs",
+                "2",
+                "--min-steps",
+                "0",
+            ]
         ),
     )
     return root, result

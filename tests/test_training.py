@@ -147,6 +147,7 @@ def params(shards: Path, out: Path, **kw) -> TrainParams:
         lr=0.01,
         sparse_lr=0.05,
         temperature=0.1,
+        min_steps=0,
     )
     return TrainParams(**{**base, **kw})
 
