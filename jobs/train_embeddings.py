@@ -34,6 +34,9 @@ class TrainArgs:
     seed: int = 7
     max_restarts: int = 3
     min_steps: int = 1_000
+    user_weight: float = 1.0
+    pair_weight: float = 1.0
+    align_weight: float = 0.1
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
@@ -54,6 +57,19 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW lr (MLP, feature embeddings)")
     p.add_argument("--sparse-lr", type=float, default=d.sparse_lr, help="SparseAdam lr (id tables)")
     p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--user-weight", type=float, default=d.user_weight, help="user -> listing loss")
+    p.add_argument(
+        "--pair-weight",
+        type=float,
+        default=d.pair_weight,
+        help="listing -> co-interacted listing loss (the shared tower on both sides)",
+    )
+    p.add_argument(
+        "--align-weight",
+        type=float,
+        default=d.align_weight,
+        help="feature-only vector pulled to the full one (cold start)",
+    )
     p.add_argument("--id-dropout", type=float, default=d.id_dropout)
     p.add_argument("--num-processes", type=int, default=d.num_processes)
     p.add_argument(

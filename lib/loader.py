@@ -25,6 +25,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from schemas.training_examples import CATEGORICAL_CODES, DENSE_FEATURES, LISTING_FEATURES_SPEC
 
 ID_COLUMNS = ("user_idx", "listing_idx")
+# Listing-listing pairs: a context listing and a listing co-interacted with it.
+PAIR_ID_COLUMNS = ("context_idx", "listing_idx")
 FLOAT_COLUMNS = ("weight", "log_q")
 
 
@@ -111,6 +113,7 @@ class ShardDataset(IterableDataset):
         num_workers: int = 0,
         drop_last: bool = False,
         row_counts: Sequence[int] | None = None,
+        pairs: bool = False,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
@@ -123,7 +126,7 @@ class ShardDataset(IterableDataset):
         self.seed, self.epoch = seed, epoch
         self.workers = max(1, num_workers)
         self.drop_last = drop_last
-        self.layout = RowLayout(listing_features)
+        self.layout = (PairLayout if pairs else RowLayout)(listing_features)
         slots = world_size * self.workers
         if len(self.files) < slots:
             raise ValueError(
@@ -234,6 +237,34 @@ class RowLayout:
         floats = t[:, 2:].view(torch.float32)
         return {
             "user_idx": t[:, 0].long(),
+            "listing_idx": listing,
+            "codes": self.listing_features.codes[listing].long(),
+            "dense": self.listing_features.dense[listing],
+            "weight": floats[:, 0].contiguous(),
+            "log_q": floats[:, 1].contiguous(),
+        }
+
+
+class PairLayout(RowLayout):
+    """``RowLayout`` of listing-listing pairs: both sides' features are looked up, the context
+    listing's under ``context_*`` keys."""
+
+    columns = (*PAIR_ID_COLUMNS, *FLOAT_COLUMNS)
+
+    def unpack(self, block: np.ndarray) -> dict[str, torch.Tensor]:
+        t = torch.from_numpy(np.ascontiguousarray(block))
+        context, listing = t[:, 0].long(), t[:, 1].long()
+        top = int(torch.cat([context, listing]).max()) if len(listing) else -1
+        if top >= len(self.listing_features):
+            raise ValueError(
+                f"training pair with listing_idx {top}, but listing_features covers "
+                f"{len(self.listing_features)} listings: shards from different runs?"
+            )
+        floats = t[:, 2:].view(torch.float32)
+        return {
+            "context_idx": context,
+            "context_codes": self.listing_features.codes[context].long(),
+            "context_dense": self.listing_features.dense[context],
             "listing_idx": listing,
             "codes": self.listing_features.codes[listing].long(),
             "dense": self.listing_features.dense[listing],

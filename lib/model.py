@@ -36,6 +36,11 @@ class TwoTowerConfig:
     id_dropout: float = 0.3
     temperature: float = 0.05
     dense_names: tuple[str, ...] = field(default=())
+    # Weights of the loss terms: user -> listing, listing -> co-interacted listing (one shared
+    # listing tower on both sides), and a feature-only vector pulled to its listing's full one.
+    user_weight: float = 1.0
+    pair_weight: float = 1.0
+    align_weight: float = 0.1
 
     def __post_init__(self) -> None:
         cards = self.cardinalities
@@ -58,6 +63,9 @@ class TwoTowerConfig:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("user_weight", "pair_weight", "align_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TwoTowerConfig.{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def code_names(self) -> tuple[str, ...]:
@@ -172,10 +180,84 @@ class TwoTowerModel(nn.Module):
         x = torch.cat([ids, feats, dense.to(ids.dtype)], dim=-1)
         return F.normalize(self.listing_mlp(x), dim=-1)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return self.loss(batch)
 
-    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The training loss of a batch of user examples, or of ``{"users": batch, "pairs":
+        batch}`` (either may be absent): the weighted sum of the terms, in one forward so
+        DistributedDataParallel sees every parameter used once per step."""
+        if "users" not in batch and "pairs" not in batch:
+            return self.user_loss(batch)
+        config = self.config
+        total = torch.zeros((), device=self.code_offsets.device)
+        if "users" in batch and config.user_weight > 0:
+            total = total + config.user_weight * self.user_loss(batch["users"])
+        if "pairs" in batch:
+            total = total + config.pair_weight * self.pair_loss(batch["pairs"])
+            if config.align_weight > 0:
+                total = total + config.align_weight * self.alignment_loss(batch["pairs"])
+        return total
+
+    def _columns(self, batch: Mapping[str, torch.Tensor]):
+        """The distinct listings of a batch as softmax columns: (columns, target, their
+        vectors, log counts, log q), ids dropped at random while training."""
+        listing_idx = batch["listing_idx"]
+        columns, target = torch.unique(listing_idx, return_inverse=True)
+        rows = torch.arange(len(listing_idx), device=listing_idx.device)
+        first = torch.full_like(columns, len(listing_idx)).scatter_reduce_(
+            0, target, rows, reduce="amin"
+        )
+        vectors = self.listing_vectors(
+            columns,
+            batch["codes"].index_select(0, first),
+            batch["dense"].index_select(0, first),
+            self._id_mask(columns),
+        )
+        log_count = torch.bincount(target, minlength=len(columns)).to(vectors.dtype).log()
+        log_q = batch["log_q"].index_select(0, first).to(vectors.dtype)
+        return columns, target, vectors, log_count, log_q
+
+    def _id_mask(self, idx: torch.Tensor) -> torch.Tensor | None:
+        if self.training and self.config.id_dropout > 0:
+            return torch.rand(idx.shape, device=idx.device) >= self.config.id_dropout
+        return None
+
+    def pair_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """In-batch sampled softmax over listing pairs (context -> co-interacted listing), the
+        same tower on both sides, log-Q corrected, weighted by ``log1p(weight)``.
+
+        The published similarity is the cosine of two listing vectors, so this is the term
+        that trains exactly what is published. A context listing is never its own negative.
+        """
+        columns, target, listings, log_count, log_q = self._columns(batch)
+        context = batch["context_idx"]
+        queries = self.listing_vectors(
+            context, batch["context_codes"], batch["context_dense"], self._id_mask(context)
+        )
+        rows = torch.arange(len(target), device=target.device)
+        logits = torch.addmm(
+            (log_count - log_q)[None, :], queries, listings.T, alpha=1 / self.config.temperature
+        )
+        logits = logits.masked_fill(columns[None, :] == context[:, None], float("-inf"))
+        logits = logits.index_put(
+            (rows, target), -log_count.index_select(0, target), accumulate=True
+        )
+        weights = torch.log1p(batch["weight"].to(logits.dtype).clamp_min(0))
+        weights = weights / weights.sum().clamp_min(1e-12)
+        return (weights * F.cross_entropy(logits, target, reduction="none")).sum()
+
+    def alignment_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """1 - cosine between a listing's feature-only vector and its full vector (held fixed):
+        a new listing lands where its warm look-alikes are."""
+        context = batch["context_idx"]
+        codes, dense = batch["context_codes"], batch["context_dense"]
+        known = torch.ones_like(context, dtype=torch.bool)
+        full = self.listing_vectors(context, codes, dense, known).detach()
+        features_only = self.listing_vectors(context, codes, dense, ~known)
+        return (1 - (features_only * full).sum(dim=-1)).mean()
+
+    def user_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """In-batch sampled softmax with log-Q correction, weighted by ``log1p(weight)``.
 
         Row i's positive is its own listing; every other row's listing is a negative, except

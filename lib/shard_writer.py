@@ -226,7 +226,6 @@ def write_shards(
         validation_pairs = evaluation.holdout_pairs(
             read_parquet(spark, out / "validation", training_examples.HOLDOUT_SPEC)
         )
-        validation_queries = validation_pairs.select(F.col("query_id").alias("listing_id"))
         ids = listing_features.where(F.col("is_active")).select("listing_id", "listing_idx")
         write_parquet(
             validation_pairs.join(
@@ -245,8 +244,10 @@ def write_shards(
             out / "validation_pairs",
             training_examples.VALIDATION_PAIRS_SPEC,
         )
+        # Every listing's co-interactions before the validation days: the model trains on them
+        # as listing pairs, and validation scores the co-interaction variants with them.
         for name, source, queries in (
-            ("cointeraction_fit", "train", validation_queries),
+            ("cointeraction_fit", "train", None),
             ("cointeraction_full", "train_full", None),
         ):
             table = cointeraction.cointeraction_table(
@@ -257,6 +258,17 @@ def write_shards(
                 queries=queries,
             )
             write_parquet(table, out / name, training_examples.COINTERACTION_SPEC)
+        fit_pairs = read_parquet(
+            spark, out / "cointeraction_fit", training_examples.COINTERACTION_SPEC
+        )
+        write_parquet(
+            shards.pair_examples(
+                fit_pairs, listing_vocab, num_files=params.num_files, seed=params.seed
+            ),
+            out / "train_pairs",
+            training_examples.PAIR_EXAMPLES_SPEC,
+            row_group_bytes=8 << 20,
+        )
         clock.done("cointeraction")
         counts.update(
             listing_features.agg(
@@ -290,6 +302,7 @@ def write_shards(
             "cardinalities": features.cardinalities(encoding),
             "dense_features": list(training_examples.DENSE_FEATURES),
             "train_files": [f"train/{f}" for f in parquet_files(out / "train")],
+            "pair_files": [f"train_pairs/{f}" for f in parquet_files(out / "train_pairs")],
             "validation_days": params.validation_window,
             "rp3_alphas": list(cointeraction.RP3_ALPHAS),
             "counts": counts,

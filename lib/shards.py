@@ -242,3 +242,32 @@ def mark_listings_with_interactions(listing_features: DataFrame, examples: DataF
 def shuffle_into_files(examples: DataFrame, *, num_files: int, seed: int) -> DataFrame:
     """Spread rows randomly over exactly ``num_files`` partitions, shuffled within each."""
     return examples.repartition(num_files, F.rand(seed)).sortWithinPartitions(F.rand(seed + 1))
+
+
+def pair_examples(
+    cointeraction: DataFrame, listing_vocabulary: DataFrame, *, num_files: int, seed: int
+) -> DataFrame:
+    """Listing-listing training pairs from the co-interaction table: context listing, partner,
+    weight = users who interacted with both, and the partner's log-Q over the pairs.
+
+    Rows in the ``pair_examples`` contract, spread randomly over ``num_files`` partitions.
+    """
+    ids = listing_vocabulary.select(F.col("id").alias("_id"), F.col("idx"))
+    pairs = (
+        cointeraction.join(ids.withColumnRenamed("_id", "listing_id"), "listing_id")
+        .withColumnRenamed("idx", "context_idx")
+        .join(ids.withColumnRenamed("_id", "neighbour_id"), "neighbour_id")
+        .select(
+            F.col("context_idx").cast("int"),
+            F.col("idx").cast("int").alias("listing_idx"),
+            F.col("common").cast("float").alias("weight"),
+        )
+    )
+    per_listing = pairs.groupBy("listing_idx").agg(F.count(F.lit(1)).alias("_n"))
+    total = per_listing.agg(F.sum("_n").alias("_total"))
+    log_q = per_listing.crossJoin(total).select(
+        "listing_idx", F.log(F.col("_n") / F.col("_total")).cast("float").alias("log_q")
+    )
+    return shuffle_into_files(
+        pairs.join(log_q, "listing_idx"), num_files=num_files, seed=seed
+    ).select(*training_examples.PAIR_EXAMPLES_SCHEMA.fieldNames())

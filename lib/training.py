@@ -11,6 +11,7 @@ shared storage (DBFS, NFS, a FUSE-mounted bucket) when ranks run on executors.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -67,6 +68,10 @@ class TrainParams:
     # Small data sets get more epochs than ``epochs``: at least this many steps per rank. The
     # artifact keeps the epoch that scored best on the validation pairs (lib.model_selection).
     min_steps: int = 1_000
+    # Loss terms (lib.model): user -> listing, listing -> co-interacted listing, cold alignment.
+    user_weight: float = 1.0
+    pair_weight: float = 1.0
+    align_weight: float = 0.1
     # Validation (and the checkpoint that goes with it) runs after at most this many epochs.
     max_validations: int = 10
 
@@ -169,6 +174,9 @@ def model_config(manifest: Mapping[str, Any], params: TrainParams) -> TwoTowerCo
         hidden=params.hidden,
         id_dropout=params.id_dropout,
         temperature=params.temperature,
+        user_weight=params.user_weight,
+        pair_weight=params.pair_weight if manifest.get("pair_files") else 0.0,
+        align_weight=params.align_weight if manifest.get("pair_files") else 0.0,
     )
 
 
@@ -383,22 +391,32 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
             _log(f"resumed from epoch {start_epoch} (step {step})")
 
     net, sync_sparse = _distributed(model, device, world)
-    dataset = ShardDataset(
-        files,
-        read_listing_features(Path(params.shards_dir) / "listing_features", config.num_listings),
-        rank=rank,
-        world_size=world,
-        batch_size=params.batch_size,
-        shuffle_buffer=params.shuffle_buffer,
-        seed=params.seed,
-        num_workers=params.num_workers,
+    listing_features = read_listing_features(
+        Path(params.shards_dir) / "listing_features", config.num_listings
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=params.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+
+    def shard_loader(paths: list[str], pairs: bool) -> tuple[ShardDataset, DataLoader]:
+        found = ShardDataset(
+            paths,
+            listing_features,
+            rank=rank,
+            world_size=world,
+            batch_size=params.batch_size,
+            shuffle_buffer=params.shuffle_buffer,
+            seed=params.seed,
+            num_workers=params.num_workers,
+            pairs=pairs,
+        )
+        return found, DataLoader(
+            found,
+            batch_size=None,
+            num_workers=params.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+
+    dataset, loader = shard_loader(files, False)
+    pair_files = [str(Path(params.shards_dir) / f) for f in manifest.get("pair_files", [])]
+    pairs = shard_loader(pair_files, True) if pair_files and config.pair_weight > 0 else None
     epochs = max(params.epochs, math.ceil(params.min_steps / max(len(dataset), 1)))
     validate_every = max(1, math.ceil(epochs / max(params.max_validations, 1)))
     validation = read_validation_set(params.shards_dir, config.num_listings, seed=params.seed)
@@ -407,7 +425,8 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         _log(
             f"training: world_size {world}, {len(files)} files, {len(dataset)} batches/rank/epoch, "
             f"epochs {start_epoch + 1}..{epochs}, device {device}, "
-            f"{len(validation) if validation else 'no'} validation pairs"
+            f"{len(validation) if validation else 'no'} validation pairs, "
+            f"{len(pairs[0]) if pairs else 'no'} listing-pair batches/rank/pass"
         )
 
     for epoch in range(start_epoch, epochs):
@@ -419,8 +438,12 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         examples = examples_at_log = 0
         batches = 0
+        pair_batches = _endless(*pairs, epoch) if pairs else None
         for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = _to_device(batch, device)
+            users = batch
+            if pair_batches is not None:
+                batch = {"users": users, "pairs": _to_device(next(pair_batches), device)}
             loss = net(batch)
             sparse_opt.zero_grad(set_to_none=True)
             dense_opt.zero_grad(set_to_none=True)
@@ -431,7 +454,7 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
             dense_opt.step()
             step += 1
             batches += 1
-            examples += len(batch["user_idx"])
+            examples += len(users["user_idx"])
             loss_sum += loss.detach()
             if rank == 0 and params.log_every and step % params.log_every == 0:
                 now = time.perf_counter()
@@ -600,6 +623,19 @@ def _epoch_summary(
         # machine examples per CPU-second says more about the code than wall-clock rates.
         "cpu_seconds": cpu_total,
     }
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _endless(dataset: ShardDataset, loader: DataLoader, epoch: int) -> Iterator[dict]:
+    """The pair batches, pass after pass, each pass shuffled anew: an epoch is one pass over
+    the user examples, however many pairs there are."""
+    for n in itertools.count():
+        # Distinct from every other epoch's passes, the same on every rank.
+        dataset.set_epoch(epoch * 1_000_003 + n)
+        yield from loader
 
 
 def _best_epoch(history: list[dict[str, Any]]) -> int:

@@ -131,3 +131,17 @@ VALIDATION_PAIRS_SCHEMA = StructType(
     ]
 )
 VALIDATION_PAIRS_SPEC = TableSpec(name="validation_pairs", schema=VALIDATION_PAIRS_SCHEMA)
+
+# Listing-listing training pairs (``lib.shards.pair_examples``): a context listing and a listing
+# co-interacted with it before the validation days, weighted by the users they share.
+PAIR_EXAMPLES_SCHEMA = StructType(
+    [
+        StructField("context_idx", IntegerType(), nullable=False),
+        StructField("listing_idx", IntegerType(), nullable=False),
+        StructField("weight", FloatType(), nullable=False),
+        StructField("log_q", FloatType(), nullable=False),
+    ]
+)
+PAIR_EXAMPLES_SPEC = TableSpec(
+    name="pair_examples", schema=PAIR_EXAMPLES_SCHEMA, key=("context_idx", "listing_idx")
+)
