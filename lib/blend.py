@@ -184,6 +184,8 @@ class ValidationQuery:
     targets: list[str]
     content_new: np.ndarray | None = None
     model_new: np.ndarray | None = None
+    # The targets whose pair is cold (the target has no history).
+    cold_targets: frozenset[str] = frozenset()
 
     def candidates(self, variant: Variant, cf_limit: int) -> Candidates:
         """The candidate union, co-interaction scored by ``variant``."""
@@ -246,6 +248,21 @@ def best_variant(
     )
 
 
+def _feasible_best(
+    hits: np.ndarray, mrr: np.ndarray, cold: np.ndarray, warm: np.ndarray, pure: dict
+) -> int:
+    """The combo with the best hit@10 (then MRR@10, then the earliest) among those that meet
+    the product's bar on these pairs: cold hits at least pure content's, warm hits at least
+    0.95 x the best pure component's. Pure content always meets the cold bar; without any
+    combo meeting both, the warm bar is dropped."""
+    order = -np.arange(len(hits))
+    cold_ok = cold >= cold[pure["content"]] - 1e-9
+    warm_ok = warm >= 0.95 * max(warm[i] for i in pure.values()) - 1e-9
+    feasible = cold_ok & warm_ok if (cold_ok & warm_ok).any() else cold_ok
+    score = np.where(feasible, hits, -1.0)
+    return int(np.lexsort((order, np.where(feasible, mrr, -1.0), score))[-1])
+
+
 def choose_weights(
     queries: Sequence[ValidationQuery],
     variant: Variant,
@@ -254,7 +271,8 @@ def choose_weights(
     grid: np.ndarray | None = None,
     min_group_pairs: int = MIN_GROUP_PAIRS,
 ) -> dict:
-    """Per support group, the grid weights with the best validation hit@10 (then MRR@10).
+    """Per support group, the grid weights with the best validation hit@10 (then MRR@10) among
+    those whose cold and warm hit rates meet the product's bar (``_feasible_best``).
 
     Returns the weights per group, and the validation hit@10 of the blend and of each pure
     component per group and overall, for the runs row and the report.
@@ -266,6 +284,7 @@ def choose_weights(
     groups = len(SUPPORT_EDGES) + 1
     hits = np.zeros((groups, len(combos)))
     mrr = np.zeros((groups, len(combos)))
+    cold_hits = np.zeros((groups, len(combos)))
     pairs = np.zeros(groups, dtype=int)
     for query in queries:
         found = query.candidates(variant, cf_limit)
@@ -277,19 +296,21 @@ def choose_weights(
             h, r = _hits(target_ranks(blended, found.ids, target), len(combos))
             hits[group] += h
             mrr[group] += r
+            if target in query.cold_targets or query.support == 0:
+                cold_hits[group] += h
             pairs[group] += 1
-    order = -np.arange(len(combos))
-    overall = int(np.lexsort((order, mrr.sum(0), hits.sum(0)))[-1])
+    warm_hits = hits - cold_hits
+    pure = {c: combos.index((0, i)) for i, c in enumerate(COMPONENTS)}  # the grid's first rows
+    overall = _feasible_best(hits.sum(0), mrr.sum(0), cold_hits.sum(0), warm_hits.sum(0), pure)
     if pairs.sum() < min_group_pairs:
         # Too little validation to choose anything: every component weighs about the same.
         equal = int(np.argmin(np.abs(grid - 1 / len(COMPONENTS)).sum(axis=1)))
         overall = combos.index((int(np.argmin(np.abs(fills))), equal))
     chosen = []
     for g in range(groups):
-        best = int(np.lexsort((order, mrr[g], hits[g]))[-1])
+        best = _feasible_best(hits[g], mrr[g], cold_hits[g], warm_hits[g], pure)
         chosen.append(best if pairs[g] >= min_group_pairs else overall)
     names = group_names()
-    pure = {c: combos.index((0, i)) for i, c in enumerate(COMPONENTS)}  # the grid's first rows
 
     def rate(values: np.ndarray, count: int) -> float | None:
         return float(values / count) if count else None
@@ -496,10 +517,15 @@ def choose_on_validation(
     queries = sample_queries(pairs, max_queries=max_queries, seed=seed)
     wanted = pairs.join(queries.withColumnRenamed("listing_id", "query_id"), "query_id")
     targets: dict[str, list[str]] = {}
-    for row in wanted.select("query_id", "target_id").toArrow().to_pylist():
+    cold: dict[str, set[str]] = {}
+    for row in wanted.select("query_id", "target_id", "is_cold").toArrow().to_pylist():
         targets.setdefault(row["query_id"], []).append(row["target_id"])
+        if row["is_cold"]:
+            cold.setdefault(row["query_id"], set()).add(row["target_id"])
     rows = blend_inputs(queries, support, cointeraction, content_lists, model_lists).toArrow()
     found = validation_queries(rows, targets)
+    for query in found:
+        query.cold_targets = frozenset(cold.get(query.query_id, ()))
     variant_scores_ = score_variants(found, variants)
     chosen = best_variant(variant_scores_, variants, None)
     choice = choose_weights(found, chosen, cf_limit=cf_limit)

@@ -156,7 +156,43 @@ def test_on_validation_the_blend_is_never_below_a_pure_component(seed):
         )
     choice = blend.choose_weights(queries, ITEMKNN, cf_limit=50, min_group_pairs=1)
     rates = choice["hit_rate_at_10"]
+    # Content always meets the cold bar, so the blend never falls below it; the others it
+    # beats unless they miss the bar (here they never do: no target is cold).
     assert all(rates["blend"] >= rates[c] - 1e-12 for c in blend.COMPONENTS)
+
+
+def test_the_choice_keeps_cold_pairs_at_least_as_good_as_content():
+    rng = np.random.default_rng(4)
+    queries = []
+    for q in range(200):
+        ids = [f"c{j}" for j in range(30)]
+        cold = q % 4 == 0  # a quarter of the targets are new listings only content finds
+        target = ids[int(rng.integers(30))]
+        cf = [(i, 1 + (8 if i == target and not cold else int(rng.integers(3)))) for i in ids[:25]]
+        cf = [(i, c) for i, c in cf if not (cold and i == target)]
+        content = [(i, rng.random() + (2.0 if i == target and cold else 0.0)) for i in ids]
+        found = query(f"q{q}", cf=cf, content=content, model=[], targets=[target], support=20.0)
+        found.cold_targets = frozenset([target] if cold else [])
+        found.content_new = np.array([cold and i == target for i in ids])
+        queries.append(found)
+    choice = blend.choose_weights(queries, ITEMKNN, cf_limit=50, min_group_pairs=1)
+    grid = blend.weight_grid()
+    # Pure co-interaction would win overall (3/4 of the pairs) and miss every cold one.
+    assert choice["hit_rate_at_10"]["cointeraction"] >= 0.6
+    weights = choice["weights"]["users_10+"]
+    assert weights["content"] > 0
+    rows = [q for q in queries if q.cold_targets]
+    fill = weights["new_listing_cointeraction"]
+    w = np.array([weights[c] for c in blend.COMPONENTS])
+    cold_hits = []
+    for q in rows:
+        found = q.candidates(ITEMKNN, 50)
+        ranks = blend.target_ranks(
+            (blend.standardise(found.raw, found.new, fill) @ w)[:, None], found.ids, q.targets[0]
+        )
+        cold_hits.append(ranks is not None and ranks[0] <= 10)
+    assert np.mean(cold_hits) >= 0.99
+    assert len(grid) == 66
 
 
 def test_too_little_validation_weighs_the_components_about_equally():
