@@ -248,19 +248,40 @@ def best_variant(
     )
 
 
+def _complexity(grid: np.ndarray, combos: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Components with a weight, per combo (the new-listing score counts with co-interaction)."""
+    return np.array([int((grid[g] > 0).sum()) for _, g in combos])
+
+
 def _feasible_best(
-    hits: np.ndarray, mrr: np.ndarray, cold: np.ndarray, warm: np.ndarray, pure: dict
+    hits: np.ndarray,
+    mrr: np.ndarray,
+    cold: np.ndarray,
+    warm: np.ndarray,
+    pure: dict,
+    *,
+    pairs: int,
+    complexity: np.ndarray,
 ) -> int:
-    """The combo with the best hit@10 (then MRR@10, then the earliest) among those that meet
-    the product's bar on these pairs: cold hits at least pure content's, warm hits at least
-    0.95 x the best pure component's. Pure content always meets the cold bar; without any
-    combo meeting both, the warm bar is dropped."""
-    order = -np.arange(len(hits))
+    """The simplest combo within one standard error of the best validation hit@10, among
+    those that meet the product's bar on these pairs: cold hits at least pure content's, warm
+    hits at least 0.95 x the best pure component's (without any combo meeting both, the warm
+    bar is dropped; pure content always meets the cold bar).
+
+    The one-standard-error rule (Breiman et al. 1984) is what keeps a few hundred validation
+    pairs from choosing among ~200 combos by noise: a blend must beat a single component by
+    more than chance to be published. Ties: more hits, then MRR, then the earliest.
+    """
     cold_ok = cold >= cold[pure["content"]] - 1e-9
     warm_ok = warm >= 0.95 * max(warm[i] for i in pure.values()) - 1e-9
     feasible = cold_ok & warm_ok if (cold_ok & warm_ok).any() else cold_ok
-    score = np.where(feasible, hits, -1.0)
-    return int(np.lexsort((order, np.where(feasible, mrr, -1.0), score))[-1])
+    best = hits[feasible].max()
+    rate = best / max(pairs, 1)
+    margin = np.sqrt(rate * (1 - rate) * max(pairs, 1))
+    allowed = feasible & (hits >= best - margin - 1e-9)
+    order = -np.arange(len(hits))
+    keys = (order, mrr, hits, -complexity)
+    return int(np.lexsort(tuple(np.where(allowed, k, -np.inf) for k in keys))[-1])
 
 
 def choose_weights(
@@ -271,8 +292,9 @@ def choose_weights(
     grid: np.ndarray | None = None,
     min_group_pairs: int = MIN_GROUP_PAIRS,
 ) -> dict:
-    """Per support group, the grid weights with the best validation hit@10 (then MRR@10) among
-    those whose cold and warm hit rates meet the product's bar (``_feasible_best``).
+    """Per support group, the simplest grid weights within one standard error of the best
+    validation hit@10 among those whose cold and warm hit rates meet the product's bar
+    (``_feasible_best``).
 
     Returns the weights per group, and the validation hit@10 of the blend and of each pure
     component per group and overall, for the runs row and the report.
@@ -301,14 +323,31 @@ def choose_weights(
             pairs[group] += 1
     warm_hits = hits - cold_hits
     pure = {c: combos.index((0, i)) for i, c in enumerate(COMPONENTS)}  # the grid's first rows
-    overall = _feasible_best(hits.sum(0), mrr.sum(0), cold_hits.sum(0), warm_hits.sum(0), pure)
+    complexity = _complexity(grid, combos)
+    overall = _feasible_best(
+        hits.sum(0),
+        mrr.sum(0),
+        cold_hits.sum(0),
+        warm_hits.sum(0),
+        pure,
+        pairs=int(pairs.sum()),
+        complexity=complexity,
+    )
     if pairs.sum() < min_group_pairs:
         # Too little validation to choose anything: every component weighs about the same.
         equal = int(np.argmin(np.abs(grid - 1 / len(COMPONENTS)).sum(axis=1)))
         overall = combos.index((int(np.argmin(np.abs(fills))), equal))
     chosen = []
     for g in range(groups):
-        best = _feasible_best(hits[g], mrr[g], cold_hits[g], warm_hits[g], pure)
+        best = _feasible_best(
+            hits[g],
+            mrr[g],
+            cold_hits[g],
+            warm_hits[g],
+            pure,
+            pairs=int(pairs[g]),
+            complexity=complexity,
+        )
         chosen.append(best if pairs[g] >= min_group_pairs else overall)
     names = group_names()
 
