@@ -126,6 +126,9 @@ def run(spark: SparkSession, args: DemoArgs) -> dict:
         print(f"table:   {layout.table(table)}")
     print(f"model:   {layout.model_dir(result['model_version'])}")
     print(f"report:  {result['report']}  (model vs baselines, embedding maps; open in a browser)")
+    headline = (result["stages"].get("evaluate") or {}).get("headline") or {}
+    for line in comparison(headline):
+        print(line)
     stage_seconds = {"generate": generate_seconds, **result["stage_seconds"]}
     print("stages:  " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items()))
     counts = result["counts"]
@@ -143,9 +146,43 @@ def run(spark: SparkSession, args: DemoArgs) -> dict:
         "stage_seconds": stage_seconds,
         "run_id": result["run_id"],
         "model_version": result["model_version"],
-        "tables": {t: layout.table(t) for t in ("listing_embeddings", "listing_neighbours", "runs")},
+        "tables": {
+            t: layout.table(t) for t in ("listing_embeddings", "listing_neighbours", "runs")
+        },
         "report": result["report"],
-    }  # fmt: skip
+    }
+
+
+def comparison(headline: dict[str, dict[str, float | None]]) -> list[str]:
+    """Published lists against the best baseline of each column (hit@10 on held-out pairs)."""
+    if "model" not in headline:
+        return []
+    columns = (
+        ("all", "hit_rate_at_10"),
+        ("warm", "hit_rate_at_10_warm"),
+        ("cold", "hit_rate_at_10_cold"),
+    )
+
+    def cell(value: float | None) -> str:
+        return "    -" if value is None else f"{value:5.3f}"
+
+    lines = ["\nhit@10 on held-out pairs      all   warm   cold"]
+    lines.append(
+        "published               " + "  ".join(cell(headline["model"][k]) for _, k in columns)
+    )
+    best = []
+    for _, key in columns:
+        found = [
+            (v[key], m) for m, v in headline.items() if m != "model" and v.get(key) is not None
+        ]
+        best.append(max(found) if found else (None, "-"))
+    lines.append("best baseline           " + "  ".join(cell(v) for v, _ in best))
+    lines.append(
+        "  ("
+        + ", ".join(f"{name}: {m}" for (name, _), (_, m) in zip(columns, best, strict=True))
+        + ")"
+    )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:

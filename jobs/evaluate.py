@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,10 +99,14 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
         seed=args.seed,
         methods=args.baselines,
     )
+    _progress(f"ALS and EASE tuned on validation in {time.perf_counter() - started:.1f}s")
     stored = {}
     for name, df in lists.items():
+        mark = time.perf_counter()
         write_parquet(df, work / name, baselines.RANKED_SPEC)
         stored[name] = read_parquet(spark, work / name, baselines.RANKED_SPEC)
+        _progress(f"{name} lists in {time.perf_counter() - mark:.1f}s")
+    mark = time.perf_counter()
     metrics = evaluation.collect_metrics(
         evaluation.evaluate_lists(
             stored,
@@ -114,6 +119,7 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
         )
     )
     queries.unpersist()
+    _progress(f"metrics in {time.perf_counter() - mark:.1f}s")
     validation = {"blend": choice, **tuned}
     out.mkdir(parents=True, exist_ok=True)
     write_json(
@@ -148,6 +154,11 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
         "validation": scorecard.validation_summary(validation),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _progress(message: str) -> None:
+    # stderr: stdout carries the stage's JSON result.
+    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
