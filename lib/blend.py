@@ -43,6 +43,8 @@ SUPPORT_EDGES = (1, 3, 10)
 GRID_STEP = 0.1
 # A group with fewer validation pairs than this uses the weights chosen over all pairs.
 MIN_GROUP_PAIRS = 200
+# Fewer validation pairs than this in all, and nothing is chosen: every component weighs the same.
+MIN_VALIDATION_PAIRS = 30
 HIT_AT = 10
 # Where a candidate without any history stands on co-interaction, in standard deviations of
 # the listing's candidates: its absence from the co-interaction list is no evidence against it,
@@ -341,7 +343,7 @@ def choose_weights(
         pairs=int(pairs.sum()),
         complexity=complexity,
     )
-    if pairs.sum() < min_group_pairs:
+    if pairs.sum() < MIN_VALIDATION_PAIRS:
         # Too little validation to choose anything: every component weighs about the same.
         equal = int(np.argmin(np.abs(grid - 1 / len(COMPONENTS)).sum(axis=1)))
         overall = combos.index((int(np.argmin(np.abs(fills))), equal))
