@@ -9,9 +9,14 @@ score: it ranked below all of them), and the blended score is the weighted sum
     score(a, b) = Σ_c w_c[g(a)] · z_c(a, b),   g(a) = support group of a (users with history)
 
 with one weight vector per support group, chosen on the validation split from a grid that
-contains every pure component (``weight_grid``). So a listing with much history is placed by
-co-interaction, a new one by its features, whichever validation says; and on validation the
-blend is never below any single component within a group.
+contains every pure component (``weight_grid``); a candidate without any history gets a
+co-interaction score of its own (``NEW_LISTING_SCORES``), chosen with the weights. The choice
+(``choose_weights``) takes, per group with enough validation pairs, the simplest weights within
+one standard error of the best hit@10 among those that meet the product's bar on validation:
+cold pairs at least as good as content kNN, warm pairs within 5 % of the best component. So a
+listing with much history is placed by co-interaction and a new one by its features when
+validation shows it pays, and a small validation split falls back to a single component rather
+than to a blend that won by chance.
 
 This module holds the per-listing arithmetic (numpy, the same for validation on the driver and
 for publication inside Spark tasks) and the Spark transforms that feed it.
