@@ -229,6 +229,9 @@ def run(spark: SparkSession, args: PipelineArgs) -> dict:
         record.metrics.update(neighbour_quality(results.get("neighbours") or refused_search))
         # Held-out hit-rates etc. of the model and every baseline, as "<method>.<metric>".
         record.metrics.update(results.get("evaluate", {}).get("metrics", {}))
+        # What validation chose (co-interaction variant, tuned baselines), as text.
+        for name, chosen in (results.get("evaluate", {}).get("validation") or {}).items():
+            record.parameters[f"validation.{name}"] = json.dumps(chosen, sort_keys=True)
         record.finished_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         delta_io.write_table(run_row(spark, record), layout.table("runs"), runs.SPEC)
     return {
