@@ -54,7 +54,8 @@ def build_session(
             # driver than as a Spark job of one task per directory.
             .config("spark.sql.sources.parallelPartitionDiscovery.threshold", "10000")
             .config("spark.ui.enabled", "true" if ui else "false")
-            .config("spark.ui.showConsoleProgress", "true" if ui else "false")
+            # The stages print a line each; Spark's progress bars would interleave with them.
+            .config("spark.ui.showConsoleProgress", "false")
         )
     elif shuffle_partitions:
         builder = builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions))
