@@ -244,10 +244,11 @@ def write_shards(
             out / "validation_pairs",
             training_examples.VALIDATION_PAIRS_SPEC,
         )
-        # Every listing's co-interactions before the validation days: the model trains on them
-        # as listing pairs, and validation scores the co-interaction variants with them.
+        # Validation scores the co-interaction variants on its own queries, from the examples
+        # before it; publication uses every listing's, from the whole window.
+        validation_queries = validation_pairs.select(F.col("query_id").alias("listing_id"))
         for name, source, queries in (
-            ("cointeraction_fit", "train", None),
+            ("cointeraction_fit", "train", validation_queries),
             ("cointeraction_full", "train_full", None),
         ):
             table = cointeraction.cointeraction_table(
@@ -258,12 +259,12 @@ def write_shards(
                 queries=queries,
             )
             write_parquet(table, out / name, training_examples.COINTERACTION_SPEC)
-        fit_pairs = read_parquet(
-            spark, out / "cointeraction_fit", training_examples.COINTERACTION_SPEC
-        )
         write_parquet(
             shards.pair_examples(
-                fit_pairs, listing_vocab, num_files=params.num_files, seed=params.seed
+                written["train"],
+                max_items_per_user=params.max_items_per_user,
+                num_files=params.num_files,
+                seed=params.seed,
             ),
             out / "train_pairs",
             training_examples.PAIR_EXAMPLES_SPEC,

@@ -245,24 +245,40 @@ def shuffle_into_files(examples: DataFrame, *, num_files: int, seed: int) -> Dat
 
 
 def pair_examples(
-    cointeraction: DataFrame, listing_vocabulary: DataFrame, *, num_files: int, seed: int
+    examples: DataFrame, *, max_items_per_user: int, num_files: int, seed: int
 ) -> DataFrame:
-    """Listing-listing training pairs from the co-interaction table: context listing, partner,
-    weight = users who interacted with both, and the partner's log-Q over the pairs.
+    """Listing-listing training pairs from the training examples: each user's listings in a
+    seeded random order, every consecutive two as a pair in both directions (item2vec's "any
+    two listings of one user", at a cost linear in the examples instead of quadratic), weight
+    the smaller of the two interaction weights, and the partner's log-Q over the pairs.
 
-    Rows in the ``pair_examples`` contract, spread randomly over ``num_files`` partitions.
+    A user contributes at most ``max_items_per_user`` listings, the strongest. Rows in the
+    ``pair_examples`` contract, spread randomly over ``num_files`` partitions.
     """
-    ids = listing_vocabulary.select(F.col("id").alias("_id"), F.col("idx"))
-    pairs = (
-        cointeraction.join(ids.withColumnRenamed("_id", "listing_id"), "listing_id")
-        .withColumnRenamed("idx", "context_idx")
-        .join(ids.withColumnRenamed("_id", "neighbour_id"), "neighbour_id")
-        .select(
-            F.col("context_idx").cast("int"),
-            F.col("idx").cast("int").alias("listing_idx"),
-            F.col("common").cast("float").alias("weight"),
-        )
+    strongest = Window.partitionBy("user_idx").orderBy(F.desc("weight"), "listing_idx")
+    shuffled = Window.partitionBy("user_idx").orderBy(
+        F.xxhash64("user_idx", "listing_idx", F.lit(seed)), "listing_idx"
     )
+    ordered = (
+        examples.select("user_idx", "listing_idx", "weight")
+        .withColumn("_n", F.row_number().over(strongest))
+        .where(F.col("_n") <= max_items_per_user)
+        .withColumn("_previous", F.lag("listing_idx").over(shuffled))
+        .withColumn("_previous_weight", F.lag("weight").over(shuffled))
+        .where(F.col("_previous").isNotNull())
+    )
+    weight = F.least("weight", "_previous_weight").cast("float").alias("weight")
+    forward = ordered.select(
+        F.col("_previous").cast("int").alias("context_idx"),
+        F.col("listing_idx").cast("int"),
+        weight,
+    )
+    backward = ordered.select(
+        F.col("listing_idx").cast("int").alias("context_idx"),
+        F.col("_previous").cast("int").alias("listing_idx"),
+        weight,
+    )
+    pairs = forward.unionByName(backward)
     per_listing = pairs.groupBy("listing_idx").agg(F.count(F.lit(1)).alias("_n"))
     total = per_listing.agg(F.sum("_n").alias("_total"))
     log_q = per_listing.crossJoin(total).select(

@@ -47,20 +47,42 @@ def pair_batch(context, target, n_listings=12):
     }
 
 
-def test_pair_examples_carry_indices_weights_and_the_partners_log_q(spark):
+def test_pair_examples_link_each_users_listings_both_ways(spark):
     rows = [
-        ("A", "B", 3, 1.0, 1, 1, 1.0, 1.0, [1.0, 1.0, 1.0]),
-        ("B", "A", 3, 1.0, 1, 1, 1.0, 1.0, [1.0, 1.0, 1.0]),
-        ("C", "A", 1, 1.0, 1, 1, 1.0, 1.0, [1.0, 1.0, 1.0]),
+        (0, 10, 3.0, 0.0),
+        (0, 11, 1.0, 0.0),
+        (0, 12, 2.0, 0.0),
+        (1, 10, 1.0, 0.0),
+        (1, 13, 5.0, 0.0),
+        (2, 14, 1.0, 0.0),
     ]
-    table = spark.createDataFrame(rows, te.COINTERACTION_SCHEMA)
-    vocab = spark.createDataFrame([("A", 0), ("B", 1), ("C", 2)], te.VOCABULARY_SCHEMA)
-    got = sorted(
-        tuple(r) for r in shards.pair_examples(table, vocab, num_files=2, seed=1).collect()
-    )
-    assert [(c, t, w) for c, t, w, _ in got] == [(0, 1, 3.0), (1, 0, 3.0), (2, 0, 1.0)]
+    examples = spark.createDataFrame(rows, te.SCHEMA)
+    got = [
+        tuple(r)
+        for r in shards.pair_examples(
+            examples, max_items_per_user=200, num_files=2, seed=1
+        ).collect()
+    ]
+    pairs = {(c, t): w for c, t, w, _ in got}
+    # user 0: three listings give two consecutive pairs, each both ways; user 1 one pair;
+    # user 2 (one listing) none.
+    assert len(got) == 2 * 2 + 2
+    assert pairs[(10, 13)] == pairs[(13, 10)] == 1.0  # the smaller weight
+    assert {t for c, t in pairs if c == 14} == set() and (14 not in {t for _, t in pairs})
+    user0 = {frozenset(p) for p in pairs if set(p) <= {10, 11, 12}}
+    assert len(user0) == 2
     log_q = {t: q for _, t, _, q in got}
-    assert log_q[0] == pytest.approx(math.log(2 / 3)) and log_q[1] == pytest.approx(math.log(1 / 3))
+    counts = {t: sum(1 for _, u, _, _ in got if u == t) for t in log_q}
+    assert all(log_q[t] == pytest.approx(math.log(counts[t] / len(got))) for t in log_q)
+    again = sorted(
+        tuple(r)
+        for r in shards.pair_examples(
+            examples, max_items_per_user=200, num_files=3, seed=1
+        ).collect()
+    )
+    assert again == sorted(got)  # the order is seeded, not drawn from the partitioning
+    capped = shards.pair_examples(examples, max_items_per_user=1, num_files=1, seed=1)
+    assert capped.count() == 0
 
 
 def test_pair_layout_looks_up_both_sides_features():
