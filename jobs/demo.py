@@ -153,6 +153,10 @@ def run(spark: SparkSession, args: DemoArgs) -> dict:
     }
 
 
+# The published lists and the learned embedding's own: not baselines to compare against.
+OWN_LISTS = ("model", "embedding")
+
+
 def comparison(headline: dict[str, dict[str, float | None]]) -> list[str]:
     """Published lists against the best baseline of each column (hit@10 on held-out pairs)."""
     if "model" not in headline:
@@ -173,7 +177,9 @@ def comparison(headline: dict[str, dict[str, float | None]]) -> list[str]:
     best = []
     for _, key in columns:
         found = [
-            (v[key], m) for m, v in headline.items() if m != "model" and v.get(key) is not None
+            (v[key], m)
+            for m, v in headline.items()
+            if m not in OWN_LISTS and v.get(key) is not None
         ]
         best.append(max(found) if found else (None, "-"))
     lines.append("best baseline           " + "  ".join(cell(v) for v, _ in best))
