@@ -147,24 +147,92 @@ def _query_idx(queries: DataFrame | None, listing_ids: DataFrame) -> DataFrame |
     )
 
 
+# Pairs expanded in numpy before they are summed locally: bounds a task's memory.
+_PAIR_CHUNK = 2_000_000
+_PAIR_SCHEMA = "a int, b int, common long, dot double, rp3 array<double>"
+
+
+def _flush(a: list, b: list, w: list, deg: list) -> pa.RecordBatch:
+    """Sum the (a, b) pairs expanded so far: one row per distinct pair."""
+    a_all, b_all = np.concatenate(a), np.concatenate(b)
+    keys = (a_all.astype(np.int64) << 32) | b_all.astype(np.int64)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    weights, degrees = np.concatenate(w), np.concatenate(deg)
+    rp3 = np.stack([np.bincount(inverse, weights=degrees**-alpha) for alpha in RP3_ALPHAS], axis=1)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array((unique >> 32).astype(np.int32)),
+            pa.array((unique & 0xFFFFFFFF).astype(np.int32)),
+            pa.array(np.bincount(inverse).astype(np.int64)),
+            pa.array(np.bincount(inverse, weights=weights)),
+            pa.FixedSizeListArray.from_arrays(rp3.reshape(-1), len(RP3_ALPHAS)).cast(
+                pa.list_(pa.float64())
+            ),
+        ],
+        names=["a", "b", "common", "dot", "rp3"],
+    )
+
+
+def _expand_users(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Per user (a list of listing, weight, is-query): every ordered pair of two of the user's
+    listings whose first is a query, summed within the task."""
+    a, b, w, deg, size = [], [], [], [], 0
+    for batch in batches:
+        items = batch.column("items")
+        offsets = items.offsets.to_numpy()
+        offsets = offsets - offsets[0]
+        flat = items.flatten()
+        listing = flat.field("listing").to_numpy(zero_copy_only=False)
+        weight = flat.field("weight").to_numpy(zero_copy_only=False)
+        asked = flat.field("asked").to_numpy(zero_copy_only=False)
+        for i in range(batch.num_rows):
+            start, stop = int(offsets[i]), int(offsets[i + 1])
+            n = stop - start
+            if n < 2:
+                continue
+            first = np.repeat(np.arange(start, stop), n)
+            second = np.tile(np.arange(start, stop), n)
+            keep = (first != second) & asked[first]
+            first, second = first[keep], second[keep]
+            a.append(listing[first])
+            b.append(listing[second])
+            w.append(weight[first] * weight[second])
+            deg.append(np.full(len(first), float(n)))
+            size += len(first)
+            if size >= _PAIR_CHUNK:
+                yield _flush(a, b, w, deg)
+                a, b, w, deg, size = [], [], [], [], 0
+    if size:
+        yield _flush(a, b, w, deg)
+
+
 def pair_statistics(capped: DataFrame, *, queries: DataFrame | None = None) -> DataFrame:
     """(a, b, common, dot, rp3): ordered pairs of different listings with a common user;
-    ``a`` restricted to ``queries`` (column a) when given."""
-    left = capped.select(
-        "user_idx", F.col("listing_idx").alias("a"), F.col("weight").alias("wa"), "user_items"
-    )
+    ``a`` restricted to ``queries`` (column a) when given.
+
+    Each task expands its users' pairs in numpy and sums them before the shuffle, so equal pairs
+    of a task's users cross it once: a self-join of the interactions by user makes one JVM row
+    per pair (74M at 20k listings and 42k users), and its sum dominated the shard stage.
+    """
+    rows = capped
     if queries is not None:
-        left = left.join(queries, "a")
-    right = capped.select("user_idx", F.col("listing_idx").alias("b"), F.col("weight").alias("wb"))
-    masses = [F.sum(F.pow(F.col("user_items").cast("double"), -alpha)) for alpha in RP3_ALPHAS]
+        flags = queries.select(F.col("a").alias("listing_idx"), F.lit(True).alias("_asked"))
+        rows = rows.join(flags, "listing_idx", "left")
+    else:
+        rows = rows.withColumn("_asked", F.lit(True))
+    item = F.struct(
+        F.col("listing_idx").alias("listing"),
+        F.col("weight").cast("double").alias("weight"),
+        F.coalesce(F.col("_asked"), F.lit(False)).alias("asked"),
+    )
+    per_user = rows.groupBy("user_idx").agg(F.collect_list(item).alias("items"))
     return (
-        left.join(right, "user_idx")
-        .where(F.col("a") != F.col("b"))
+        per_user.mapInArrow(_expand_users, _PAIR_SCHEMA)
         .groupBy("a", "b")
         .agg(
-            F.count(F.lit(1)).cast("int").alias("common"),
-            F.sum(F.col("wa") * F.col("wb")).alias("dot"),
-            F.array(*masses).alias("rp3"),
+            F.sum("common").cast("int").alias("common"),
+            F.sum("dot").alias("dot"),
+            F.array(*[F.sum(F.col("rp3")[i]) for i in range(len(RP3_ALPHAS))]).alias("rp3"),
         )
     )
 
@@ -236,7 +304,7 @@ def cointeraction_table(
     examples: DataFrame,
     listing_ids: DataFrame,
     *,
-    max_items_per_user: int = 200,
+    max_items_per_user: int = 50,
     per_variant: int = 50,
     variants: Sequence[Variant] = VARIANTS,
     queries: DataFrame | None = None,

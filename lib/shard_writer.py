@@ -44,8 +44,9 @@ class ShardParams:
     seed: int = 7
     # Above this many listings, listing-side lookups are shuffle joins instead of broadcasts.
     broadcast_max_listings: int = 2_000_000
-    # Co-interaction statistics: the strongest listings per user, best partners per variant.
-    max_items_per_user: int = 200
+    # Co-interaction statistics: the strongest listings per user (a user of n listings makes n²
+    # pairs: 50 halves the self-join of the demo against 200), best partners per variant.
+    max_items_per_user: int = 50
     partners_per_variant: int = 50
 
     @property
