@@ -38,8 +38,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardArgs:
     p.add_argument("--lookback-days", type=int, default=90)
     p.add_argument("--holdout-days", type=int, default=2)
     p.add_argument(
-        "--validation-days", type=int, help="days before the holdout that choices are made on "
-        "(default: as many as --holdout-days)"
+        "--validation-days",
+        type=int,
+        help="days before the holdout that choices are made on "
+        "(default: as many as --holdout-days)",
     )
     p.add_argument("--event-weights", type=_weights, default=_weights("view=1,save=3,contact=5"))
     p.add_argument("--half-life-days", type=float, default=21.0)
