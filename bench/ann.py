@@ -165,6 +165,21 @@ def run_exact(spark, path, n, ids, vectors, args, dataset) -> dict:
                  "load_before": load_before, "load_after": load()})  # fmt: skip
 
 
+def require_faiss() -> None:
+    """faiss comes only with the bench extra: say how to install it instead of a traceback."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        print(
+            "bench/ann.py: faiss is not installed; it is the single-node reference "
+            "(--methods faiss, on by default).\n"
+            "Install the bench extra:  .venv/bin/pip install -e '.[bench]'\n"
+            "or run without it:        --methods ivf,exact,lsh",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def run_faiss(vectors, ids, truth, queries, args, nprobe, dataset) -> dict:
     import faiss
 
@@ -344,6 +359,8 @@ def run_dataset(spark, dataset, path, vectors, ids, args) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if "faiss" in args.methods.split(","):
+        require_faiss()  # before the Spark session and the data: fail in a second
     data = Path(args.data)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = build_session("bench-ann", "local[2]", ui=False)
