@@ -221,18 +221,34 @@ def format_table(scores: Mapping[str, Mapping]) -> str:
         mean, lo, hi = value
         return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
-    header = ("method", "hit@10", "warm", "cold", "MRR@10", "pairs (warm/cold)",
-              "Δhit@10 vs model", "Δ warm", "Δ cold")  # fmt: skip
+    header = (
+        "method",
+        "hit@10",
+        "warm",
+        "cold",
+        "MRR@10",
+        "pairs (warm/cold)",
+        "Δhit@10 vs model",
+        "Δ warm",
+        "Δ cold",
+    )
     rows = [header]
     for name in method_order(scores):
         s = scores[name]
         d = s.get("delta_vs_model", {})
-        rows.append((
-            name, num(s["hit_rate_at_10"]), num(s["hit_rate_at_10_warm"]),
-            num(s["hit_rate_at_10_cold"]), num(s["mrr_at_10"]),
-            f"{s['pairs']} ({s['pairs_warm']}/{s['pairs_cold']})",
-            delta(d.get("all")), delta(d.get("warm")), delta(d.get("cold")),
-        ))  # fmt: skip
+        rows.append(
+            (
+                name,
+                num(s["hit_rate_at_10"]),
+                num(s["hit_rate_at_10_warm"]),
+                num(s["hit_rate_at_10_cold"]),
+                num(s["mrr_at_10"]),
+                f"{s['pairs']} ({s['pairs_warm']}/{s['pairs_cold']})",
+                delta(d.get("all")),
+                delta(d.get("warm")),
+                delta(d.get("cold")),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         "  ".join(
@@ -311,8 +327,9 @@ def validation_choices(layout: Layout, run_date: dt.date):
 # Preparing each set's inputs; each returns the window to run: run_date (+ window flags).
 
 
-def hide_history(interactions: str, *, run_date: dt.date, holdout_days: int, share: float,
-                 seed: int) -> int:  # fmt: skip
+def hide_history(
+    interactions: str, *, run_date: dt.date, holdout_days: int, share: float, seed: int
+) -> int:
     """Drop all pre-holdout events of a random ``share`` of the listings seen in the holdout.
 
     Those listings become cold start (features only) yet have held-out pairs to score.
@@ -340,12 +357,34 @@ def prepare_generated(spark, a: argparse.Namespace, root: str) -> dict:
 
     run_date = dt.date.fromisoformat(a.run_date)
     holdout_days = field_default(pipeline.PipelineArgs, "holdout_days")
-    generate_sample_data.run(None, generate_sample_data.parse_args(
-        ["--out", f"{root}/inputs", "--listings", str(a.listings), "--users", str(a.users),
-         "--events", str(a.events), "--days", str(a.days),
-         "--end-date", (run_date + dt.timedelta(days=1)).isoformat(), "--seed", str(a.seed)]))  # fmt: skip
-    hidden = hide_history(f"{root}/inputs/interactions", run_date=run_date,
-                          holdout_days=holdout_days, share=a.hide_share, seed=a.seed)  # fmt: skip
+    generate_sample_data.run(
+        None,
+        generate_sample_data.parse_args(
+            [
+                "--out",
+                f"{root}/inputs",
+                "--listings",
+                str(a.listings),
+                "--users",
+                str(a.users),
+                "--events",
+                str(a.events),
+                "--days",
+                str(a.days),
+                "--end-date",
+                (run_date + dt.timedelta(days=1)).isoformat(),
+                "--seed",
+                str(a.seed),
+            ]
+        ),
+    )
+    hidden = hide_history(
+        f"{root}/inputs/interactions",
+        run_date=run_date,
+        holdout_days=holdout_days,
+        share=a.hide_share,
+        seed=a.seed,
+    )
     say(f"generated: hid the training history of {hidden} listings (cold start)")
     return {"run_date": run_date}
 
@@ -360,9 +399,19 @@ def prepare_airbnb(name: str) -> Callable:
         missing = [str(data / s) for s in (first, later) if not (data / s).is_dir()]
         if missing:
             raise Skip(f"missing scrape folder(s): {', '.join(missing)}")
-        imported = import_insideairbnb.run(spark, import_insideairbnb.parse_args(
-            ["--scrape", str(data / first), "--later-scrape", str(data / later),
-             "--out", f"{root}/inputs"]))  # fmt: skip
+        imported = import_insideairbnb.run(
+            spark,
+            import_insideairbnb.parse_args(
+                [
+                    "--scrape",
+                    str(data / first),
+                    "--later-scrape",
+                    str(data / later),
+                    "--out",
+                    f"{root}/inputs",
+                ]
+            ),
+        )
         say(f"{name}: imported {json.dumps(imported, default=str)}")
         return {**window(imported["shard_args"]), "half_life_days": AIRBNB_HALF_LIFE_DAYS}
 
@@ -446,15 +495,21 @@ def run_set(spark, name: str, a: argparse.Namespace) -> dict:
     scores = score_methods(pairs, lists, resamples=a.resamples, seed=a.bootstrap_seed)
     scored = time.perf_counter()
     scores = {m: rounded(scores[m]) for m in method_order(scores)}
-    print(f"\n=== {name}: run date {args.run_date}, {len(pairs)} held-out pairs, "
-          f"{pairs['user_id'].nunique()} users, root {root}", flush=True)  # fmt: skip
+    print(
+        f"\n=== {name}: run date {args.run_date}, {len(pairs)} held-out pairs, "
+        f"{pairs['user_id'].nunique()} users, root {root}",
+        flush=True,
+    )
     print(format_table(scores), flush=True)
     validation = validation_choices(layout, args.run_date)
     if validation is not None:
         print(f"validation: {json.dumps(validation, default=str)}", flush=True)
-    print(f"seconds: prepare {prepared - started:.1f}, pipeline {ran - prepared:.1f} "
-          f"(stages {json.dumps(result['stage_seconds'])}), scoring {scored - ran:.1f}, "
-          f"total {scored - started:.1f}\n", flush=True)  # fmt: skip
+    print(
+        f"seconds: prepare {prepared - started:.1f}, pipeline {ran - prepared:.1f} "
+        f"(stages {json.dumps(result['stage_seconds'])}), scoring {scored - ran:.1f}, "
+        f"total {scored - started:.1f}\n",
+        flush=True,
+    )
     return scores
 
 
@@ -470,8 +525,12 @@ def main(argv=None) -> None:
     p.add_argument("--users", type=int, default=3000, help="generated")
     p.add_argument("--events", type=int, default=150_000, help="generated")
     p.add_argument("--days", type=int, default=60, help="generated")
-    p.add_argument("--hide-share", type=float, default=0.1,
-                   help="generated: share of holdout listings whose history is hidden")  # fmt: skip
+    p.add_argument(
+        "--hide-share",
+        type=float,
+        default=0.1,
+        help="generated: share of holdout listings whose history is hidden",
+    )
     p.add_argument("--seed", type=int, default=7, help="generated data and hidden listings")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--bootstrap-seed", type=int, default=0)

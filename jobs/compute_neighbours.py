@@ -59,15 +59,23 @@ def parse_args(argv: Sequence[str] | None = None) -> NeighbourArgs:
     add("--method", choices=ann.METHODS, default=d.method, help="exact: blockwise brute force")
     add("--k", type=int, default=d.k)
     add("--candidates", type=int, default=d.candidates, help="per component, blended into k")
-    add("--validation-queries", type=int, default=d.validation_queries,
-        help="validation query listings sampled to choose the blend")  # fmt: skip
+    add(
+        "--validation-queries",
+        type=int,
+        default=d.validation_queries,
+        help="validation query listings sampled to choose the blend",
+    )
     add("--nlist", type=int, help="IVF lists (default: about sqrt(listings))")
     add("--nprobe", type=int, default=d.nprobe, help="IVF lists searched per listing")
     add("--num-blocks", type=int, help="exact: blocks (default: listings / 4000)")
     add("--recall-sample", type=int, default=d.recall_sample, help="queries checked vs exact")
     add("--min-recall", type=float, default=d.min_recall, help="gate: lowest recall@k")
-    add("--max-coverage-drop", type=float, default=d.max_coverage_drop,
-        help="gate: largest fall in the share of listings with k neighbours vs the last run")  # fmt: skip
+    add(
+        "--max-coverage-drop",
+        type=float,
+        default=d.max_coverage_drop,
+        help="gate: largest fall in the share of listings with k neighbours vs the last run",
+    )
     add("--retain-runs", type=int, default=d.retain_runs, help="run dates kept (0: all)")
     add("--vacuum-hours", type=float, default=d.vacuum_hours, help="vacuum retention window")
     add("--partition-key", help="listings column: neighbours share its value (needs --listings)")
