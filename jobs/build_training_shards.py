@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 
-from lib import delta_io, validation
+from lib import delta_io, feature_spec, validation
+from lib.feature_spec import NO_FEATURES, FeatureSpec
 from lib.session import build_session
 from lib.shard_writer import ShardParams, write_shards
-from schemas import interactions, listings
+from schemas import interactions
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ShardArgs:
     listings: str
     out: str
     params: ShardParams
+    spec: FeatureSpec = NO_FEATURES
     previous_shards: str | None = None
 
 
@@ -49,7 +51,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardArgs:
     p.add_argument("--num-files", type=int, default=8, help="a multiple of ranks x loader workers")
     p.add_argument("--previous-shards", help="last run's shards: keeps user/listing indices stable")
     p.add_argument("--seed", type=int, default=7)
+    feature_spec.add_arguments(p)
     a = p.parse_args(argv)
+    try:
+        spec = feature_spec.from_arguments(a)
+    except ValueError as error:
+        p.error(str(error))
     params = ShardParams(
         run_date=a.run_date,
         lookback_days=a.lookback_days,
@@ -61,24 +68,26 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardArgs:
         num_files=a.num_files,
         seed=a.seed,
     )
-    return ShardArgs(a.interactions, a.listings, a.out, params, a.previous_shards)
+    return ShardArgs(a.interactions, a.listings, a.out, params, spec, a.previous_shards)
 
 
 def run(spark: SparkSession, args: ShardArgs) -> dict:
     events = delta_io.read_input(spark, args.interactions, interactions.SPEC)
     # Small next to the events, and read by the validation, the vocabulary and three encoding
     # passes: read the files once.
-    snapshot = delta_io.read_input(spark, args.listings, listings.SPEC).persist()
+    contract = feature_spec.listings_table_spec(args.spec)
+    snapshot = delta_io.read_input(spark, args.listings, contract).persist()
     try:
         with validation.input_errors():
-            validation.require_unique_key(snapshot, listings.SPEC)
-            validation.require_not_null(snapshot, listings.SPEC)
+            validation.require_unique_key(snapshot, contract)
+            validation.require_not_null(snapshot, contract)
             manifest = write_shards(
                 spark,
                 events,
                 snapshot,
                 args.out,
                 args.params,
+                spec=args.spec,
                 previous_shards=args.previous_shards,
                 input_versions={
                     "interactions": delta_io.input_version(args.interactions),

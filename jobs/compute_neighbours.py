@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from pyspark import StorageLevel
 from pyspark.sql import SparkSession
+from pyspark.sql.types import StringType
 
 from lib import ann, delta_io, neighbours, quality_gate, similarity
 from lib.session import build_session
@@ -94,7 +95,8 @@ def run(spark: SparkSession, args: NeighbourArgs) -> dict:
     embeddings = delta_io.read_table(spark, args.embeddings, listing_embeddings.SPEC, partition=day)
     snapshot = None
     if args.partition_key:
-        snapshot = delta_io.read_input(spark, args.listings, listings.SPEC)
+        contract = listings.spec_with({args.partition_key: StringType()})
+        snapshot = delta_io.read_input(spark, args.listings, contract)
         embeddings = ann.with_partition_key(embeddings, snapshot, args.partition_key)
     embeddings = embeddings.persist()
     n = embeddings.count()

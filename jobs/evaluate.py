@@ -14,10 +14,9 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from lib import baselines, delta_io, evaluation, report, scorecard, similarity
+from lib import baselines, delta_io, evaluation, feature_spec, report, scorecard, similarity
 from lib.parquet_io import read_parquet, write_json, write_parquet
 from lib.session import build_session
-from schemas import listings
 from schemas import training_examples as te
 
 
@@ -68,6 +67,9 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
     started, shards, out = time.perf_counter(), Path(args.shards), Path(args.out)
     inputs = similarity.ShardInputs.read(spark, args.shards)
     features = inputs.listing_features
+    snapshot = delta_io.read_input(
+        spark, args.listings, feature_spec.listings_table_spec(inputs.spec)
+    )
     choice = similarity.read_validation(args.shards)
     if choice is None:
         raise FileNotFoundError(
@@ -113,7 +115,8 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
             pairs=pairs,
             listing_features=features,
             popularity=baselines.listing_popularity(inputs.full_examples, features),
-            snapshot=delta_io.read_input(spark, args.listings, listings.SPEC),
+            snapshot=snapshot,
+            spec=inputs.spec,
             previous=previous,
             queries=queries,
         )
@@ -132,23 +135,34 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
             "validation": validation,
         },
     )
-    page = args.report and report.report_for_run(
-        spark,
-        embeddings_table=args.embeddings,
-        neighbours_table=args.neighbours,
-        model_dir=args.model,
-        run_date=args.run_date,
-        snapshot=delta_io.read_input(spark, args.listings, listings.SPEC),
-        listing_features=features,
-        metrics=metrics,
-        out_path=str(out / "report.html"),
-        run_id=args.run_id,
-        stage_seconds=args.stage_seconds,
-        validation=validation,
-    )
+    page = report_error = None
+    if args.report:
+        # The tables are published by now: a page that cannot be drawn is a warning, not a
+        # failed run.
+        try:
+            page = report.report_for_run(
+                spark,
+                embeddings_table=args.embeddings,
+                neighbours_table=args.neighbours,
+                model_dir=args.model,
+                run_date=args.run_date,
+                snapshot=snapshot,
+                spec=inputs.spec,
+                encoding=inputs.encoding,
+                listing_features=features,
+                metrics=metrics,
+                out_path=str(out / "report.html"),
+                run_id=args.run_id,
+                stage_seconds=args.stage_seconds,
+                validation=validation,
+            )
+        except Exception as error:
+            report_error = f"{type(error).__name__}: {error}"
+            _progress(f"WARNING report not written: {report_error}")
     return {
         "stage": "evaluate",
         "report": page or None,
+        "report_error": report_error,
         "headline": evaluation.headline(metrics),
         "metrics": {**evaluation.flatten(metrics), **scorecard.flatten_validation(validation)},
         "validation": scorecard.validation_summary(validation),

@@ -15,7 +15,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -27,7 +27,8 @@ from jobs import (
     evaluate,
     train_embeddings,
 )
-from lib import delta_io, sufficiency
+from lib import delta_io, feature_spec, sufficiency
+from lib.feature_spec import FeatureSpec
 from lib.paths import Layout
 from lib.quality_gate import QualityGateError
 from lib.runs import RunRecord, neighbour_quality, run_row
@@ -69,6 +70,10 @@ class PipelineArgs:
     min_pairs: int = sufficiency.MIN_PAIRS
     # Small data sets train more epochs than --epochs (at least this many steps per rank).
     min_steps: int = train_embeddings.TrainArgs.min_steps
+    # The listings' features: a spec file (default: inputs/feature_spec.json when there is one)
+    # or the per-kind flags, which the run writes down as a spec for the shard stage.
+    feature_spec: str | None = None
+    features: FeatureSpec | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
@@ -115,7 +120,30 @@ def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
         default=d.min_pairs,
         help="fewer held-out pairs of the model: the run is recorded insufficient",
     )
-    return PipelineArgs(**{k: v for k, v in vars(p.parse_args(argv)).items()})
+    feature_spec.add_arguments(p)
+    a = p.parse_args(argv)
+    try:
+        declared = feature_spec.from_arguments(a)
+    except ValueError as error:
+        p.error(str(error))
+    names = {f.name for f in fields(PipelineArgs)} - {"features"}
+    flagged = not a.feature_spec and declared != feature_spec.NO_FEATURES
+    return PipelineArgs(
+        **{k: v for k, v in vars(a).items() if k in names},
+        features=declared if flagged else None,
+    )
+
+
+def spec_path(args: PipelineArgs, layout: Layout) -> str | None:
+    """The spec file the shard stage reads: given, written from the flags, or the inputs'."""
+    if args.feature_spec:
+        return args.feature_spec
+    if args.features is not None:
+        path = Path(layout.shards(args.run_date)).parent / "feature_spec.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        feature_spec.write(args.features, path)
+        return str(path)
+    return layout.feature_spec if Path(layout.feature_spec).exists() else None
 
 
 def _event_weights(text: str) -> str:
@@ -132,6 +160,7 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
     day = args.run_date.isoformat()
     shards, model_dir = layout.shards(args.run_date), layout.model_dir(model_version)
     previous = layout.previous_shards(args.run_date)
+    spec = spec_path(args, layout)
     return {
         "shards": ["--interactions", layout.interactions, "--listings", layout.listings,
                    "--out", shards, "--run-date", day, "--seed", str(args.seed),
@@ -142,7 +171,8 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
                    "--half-life-days", str(args.half_life_days),
                    "--max-events-per-user-day", str(args.max_events_per_user_day),
                    "--event-weights", args.event_weights, "--num-files", str(args.num_files),
-                   *(["--previous-shards", previous] if previous else [])],
+                   *(["--previous-shards", previous] if previous else []),
+                   *(["--feature-spec", spec] if spec else [])],
         "train": ["--shards", shards, "--out", model_dir, "--epochs", str(args.epochs),
                   "--min-steps", str(args.min_steps),
                   "--num-processes", str(args.num_processes), "--batch-size", str(args.batch_size),

@@ -13,15 +13,17 @@ import datetime as dt
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from lib import delta_io
+from lib import delta_io, feature_spec
+from lib.feature_spec import FeatureSpec
 from lib.lookup import describe, neighbours_with_features
 from lib.paths import Layout
 from lib.session import build_session
-from schemas import listing_neighbours, listings
+from schemas import listing_neighbours
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,16 @@ def parse_args(argv: Sequence[str] | None = None) -> SimilarArgs:
     return SimilarArgs(**vars(p.parse_args(argv)))
 
 
+def shown_features(layout: Layout, run_date: dt.date) -> FeatureSpec:
+    """The features that run was trained on (its shard manifest), else the inputs' spec."""
+    manifest = Path(layout.shards(run_date)) / "manifest.json"
+    if manifest.exists():
+        return feature_spec.from_dict(json.loads(manifest.read_text())["feature_spec"])
+    if Path(layout.feature_spec).exists():
+        return feature_spec.read(layout.feature_spec)
+    return feature_spec.NO_FEATURES
+
+
 def run(spark: SparkSession, args: SimilarArgs) -> dict:
     layout = Layout(args.root)
     table = args.table or layout.table("listing_neighbours")
@@ -53,22 +65,27 @@ def run(spark: SparkSession, args: SimilarArgs) -> dict:
     mine = published.where(
         (F.col("run_date") == run_date) & (F.col("listing_id") == args.listing_id)
     ).where(F.col("rank") <= args.k)
-    snapshot = delta_io.read_input(spark, args.listings or layout.listings, listings.SPEC)
-    rows = sorted(neighbours_with_features(mine, snapshot).collect(), key=lambda r: r["rank"])
+    spec = shown_features(layout, run_date)
+    snapshot = delta_io.read_input(
+        spark, args.listings or layout.listings, feature_spec.listings_table_spec(spec)
+    )
+    rows = sorted(
+        neighbours_with_features(mine, snapshot, spec.shown).collect(), key=lambda r: r["rank"]
+    )
     if not rows:
         raise SystemExit(f"listing {args.listing_id!r} has no neighbours in {table} for {run_date}")
     return {
         "listing_id": args.listing_id,
         "run_date": run_date.isoformat(),
         "model_version": mine.select("model_version").first()[0],
-        "listing": describe(rows[0]),
+        "listing": describe(rows[0], spec.shown),
         "neighbours": [
             {
                 "rank": r["rank"],
                 "neighbour_id": r.neighbour_id,
                 "score": round(float(r.score), 4),
                 "distance_km": None if r.distance_km is None else round(r.distance_km, 1),
-                "listing": describe(r, "n_"),
+                "listing": describe(r, spec.shown, "n_"),
             }
             for r in rows
         ],

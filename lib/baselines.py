@@ -17,6 +17,8 @@ The co-interaction baselines (ItemKNN, RP3beta) are variants of ``lib.cointeract
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,8 +27,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import FloatType, IntegerType, StringType, StructField, StructType
 
+from lib import features
 from lib.neighbours import exact_top_k, merge_top_k, ranked_rows
-from schemas import TableSpec, training_examples
+from schemas import TableSpec
 
 RANKED_SCHEMA = StructType(
     [
@@ -39,12 +42,11 @@ RANKED_SCHEMA = StructType(
 # A ranked neighbour list of any method (model or baseline), as evaluation stores it.
 RANKED_SPEC = TableSpec(name="ranked_neighbours", schema=RANKED_SCHEMA, key=("listing_id", "rank"))
 
-# Codes whose order means something: neighbouring buckets are partly similar.
-_ORDINAL = ("year_bucket", "mileage_bucket", "price_bucket", "power_bucket")
-# Buckets of a value that is also a dense feature: counted once, through the dense feature.
-_HAS_DENSE_TWIN = ("year_bucket", "mileage_bucket", "price_bucket")
 _RBF_CENTRES = np.linspace(-3.0, 3.0, 13)
 _RBF_WIDTH = 0.5
+# A block of a category with more values than this folds them onto this many positions:
+# two values share one with odds 1/1024, while a listing's vector stays a few thousand floats.
+_MAX_BLOCK = 1024
 
 
 def _ranked(scored: DataFrame, k: int) -> DataFrame:
@@ -125,70 +127,113 @@ def als_neighbours(
     )
 
 
-def _content_block_sizes(cardinalities: Mapping[str, int]) -> list[tuple[str, str, int]]:
-    blocks = []
-    for code in training_examples.CATEGORICAL_CODES:
-        if code in _HAS_DENSE_TWIN:
-            continue
-        kind = "ordinal" if code in _ORDINAL else "onehot"
-        blocks.append((code, kind, int(cardinalities[code])))
-    blocks += [(name, "dense", len(_RBF_CENTRES)) for name in training_examples.DENSE_FEATURES]
+@dataclass(frozen=True)
+class ContentBlock:
+    """One feature's share of the content vector: where its value sits (``column``: codes,
+    dense or tokens; ``start``/``width`` inside that array) and how it is spread."""
+
+    name: str
+    column: str
+    start: int
+    width: int
+    kind: str  # "onehot" (width 1), "bag" (token slots) or "rbf" (a z-score)
+    size: int
+
+
+def content_blocks(encoding: Mapping[str, Any]) -> list[ContentBlock]:
+    """The blocks of the encoding's features. Buckets are left out: their values are also
+    z-scores, which the RBF block compares more finely."""
+    blocks = [
+        ContentBlock(entry["name"], "codes", j, 1, "onehot", min(size, _MAX_BLOCK))
+        for j, (entry, size) in enumerate(
+            zip(encoding["codes"], features.cardinalities(encoding).values(), strict=True)
+        )
+        if entry["kind"] != "bucket"
+    ]
+    blocks += [
+        ContentBlock(entry["name"], "dense", j, 1, "rbf", len(_RBF_CENTRES))
+        for j, entry in enumerate(encoding["dense"])
+    ]
+    start = 0
+    for name, size, slots in features.token_fields(encoding):
+        blocks.append(ContentBlock(name, "tokens", start, slots, "bag", min(size, _MAX_BLOCK)))
+        start += slots
     return blocks
 
 
-def content_vector(row: Mapping[str, float], blocks: list[tuple[str, str, int]]) -> np.ndarray:
-    """The content baseline's feature vector of one encoded listing.
+def _block_vectors(values: np.ndarray, block: ContentBlock) -> np.ndarray:
+    """``[rows, block.size]`` unit rows (zero where the feature is unknown)."""
+    rows = len(values)
+    out = np.zeros((rows, block.size), np.float32)
+    if block.kind == "rbf":
+        clipped = np.clip(values[:, 0], -3.5, 3.5)
+        out[:] = np.exp(-0.5 * ((_RBF_CENTRES[None, :] - clipped[:, None]) / _RBF_WIDTH) ** 2)
+    else:
+        codes = values.astype(np.int64)
+        row, slot = np.nonzero(codes > 0)
+        # Code c >= 1 at position (c - 1) mod size; 0 is unknown or padding and adds nothing.
+        np.add.at(out, (row, (codes[row, slot] - 1) % block.size), 1.0)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
 
-    One block per feature, each scaled to unit length, so the cosine of two listings is about
-    the mean over features of a per-feature similarity: 1 for the same category, a Gaussian of
-    the distance for bucket codes and z-scored dense values, nothing for an unknown (code 0).
+
+def content_matrix(
+    codes: np.ndarray, dense: np.ndarray, tokens: np.ndarray, blocks: list[ContentBlock]
+) -> np.ndarray:
+    """The content baseline's vectors of encoded listings, one row each.
+
+    One unit block per feature, so the cosine of two listings is about the mean over features
+    of a per-feature similarity: 1 for the same category, the share of shared tokens for a bag,
+    a Gaussian of the distance for z-scored values, nothing for an unknown.
     """
-    parts = []
-    for name, kind, size in blocks:
-        block = np.zeros(size, dtype=np.float64)
-        value = row[name]
-        if kind == "onehot" and value > 0:
-            block[int(value)] = 1.0
-        elif kind == "ordinal" and value > 0:
-            positions = np.arange(size)
-            block = np.exp(-0.5 * (positions - value) ** 2)
-            block[0] = 0.0
-        elif kind == "dense":
-            block = np.exp(-0.5 * ((_RBF_CENTRES - np.clip(value, -3.5, 3.5)) / _RBF_WIDTH) ** 2)
-        norm = np.linalg.norm(block)
-        parts.append(block / norm if norm > 0 else block)
-    return np.concatenate(parts).astype(np.float32)
+    arrays = {"codes": codes, "dense": dense, "tokens": tokens}
+    parts = [_block_vectors(arrays[b.column][:, b.start : b.start + b.width], b) for b in blocks]
+    rows = len(codes)
+    return np.hstack(parts) if parts else np.zeros((rows, 0), np.float32)
 
 
-def content_vectors(listing_features: DataFrame, cardinalities: Mapping[str, int]) -> DataFrame:
-    """(listing_id, embedding) for every active listing from its encoded features alone."""
-    blocks = _content_block_sizes(cardinalities)
-    names = [name for name, _, _ in blocks]
+def _stacked(column: pd.Series, dtype) -> np.ndarray:
+    if len(column) == 0:
+        return np.zeros((0, 0), dtype)
+    return np.stack([np.asarray(v, dtype) for v in column]).reshape(len(column), -1)
+
+
+def content_vectors(listing_features: DataFrame, encoding: Mapping[str, Any]) -> DataFrame:
+    """(listing_id, embedding) for every active listing from its encoded features alone.
+
+    A catalogue without features has no content vectors: an empty DataFrame (the content
+    baseline then has no lists, and the blend leaves it out).
+    """
+    blocks = content_blocks(encoding)
 
     def encode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            records = pdf[names].to_dict("records")
+            matrix = content_matrix(
+                _stacked(pdf["codes"], np.int64),
+                _stacked(pdf["dense"], np.float32),
+                _stacked(pdf["tokens"], np.int64),
+                blocks,
+            )
             yield pd.DataFrame(
-                {
-                    "listing_id": pdf["listing_id"].to_numpy(),
-                    "embedding": [content_vector(r, blocks) for r in records],
-                }
+                {"listing_id": pdf["listing_id"].to_numpy(), "embedding": list(matrix)}
             )
 
-    active = listing_features.where(F.col("is_active")).select("listing_id", *names)
-    return active.mapInPandas(encode, "listing_id string, embedding array<float>")
+    active = listing_features.where(F.col("is_active") & F.lit(bool(blocks)))
+    return active.select("listing_id", "codes", "dense", "tokens").mapInPandas(
+        encode, "listing_id string, embedding array<float>"
+    )
 
 
 def content_neighbours(
     listing_features: DataFrame,
-    cardinalities: Mapping[str, int],
+    encoding: Mapping[str, Any],
     *,
     k: int,
     num_blocks: int = 1,
 ) -> DataFrame:
     """Cosine top-k over ``content_vectors``: no learning, cold listings included."""
     return ranked_rows(
-        exact_top_k(content_vectors(listing_features, cardinalities), k=k, num_blocks=num_blocks)
+        exact_top_k(content_vectors(listing_features, encoding), k=k, num_blocks=num_blocks)
     )
 
 

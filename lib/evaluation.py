@@ -18,6 +18,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from lib import delta_io
+from lib.feature_spec import NO_FEATURES, FeatureSpec
 from lib.lookup import haversine_km
 from schemas import listing_neighbours
 
@@ -37,6 +38,9 @@ METHOD_ORDER = (
     "popularity",
     "random",
 )
+
+
+TALL_SCHEMA = "method string, metric string, value double"
 
 
 def _tall(per_method: DataFrame, names: Sequence[str]) -> DataFrame:
@@ -232,16 +236,30 @@ def popularity_bias(neighbours: DataFrame, ranks: DataFrame, *, k: int = SUMMARY
     return _tall(per_method, [raw, ratio])
 
 
-def coherence_metrics(
-    neighbours: DataFrame, listings: DataFrame, *, k: int = SUMMARY_K
-) -> DataFrame:
-    """How alike a listing and its neighbours are, on features the model may not even see.
+def coherence_features(spec: FeatureSpec) -> tuple[tuple[str, ...], str | None, bool]:
+    """What coherence compares: the first two categorical features (same value?), the first
+    numeric one (ratio of the larger to the smaller) and, when declared, the distance."""
+    categorical = tuple(f.column for f in spec.of_kind("categorical")[:2])
+    numeric = spec.of_kind("numeric")
+    return categorical, (numeric[0].column if numeric else None), spec.geo is not None
 
-    ``median_distance_km``, ``same_make_share``, ``same_body_share`` and ``median_price_ratio``
-    (larger price / smaller price, so 1.0 is identical) over neighbour rows with rank <= k,
-    per method. A metric is null when the snapshot lacks that feature.
+
+def coherence_metrics(
+    neighbours: DataFrame, listings: DataFrame, spec: FeatureSpec, *, k: int = SUMMARY_K
+) -> DataFrame:
+    """How alike a listing and its neighbours are, on the features the spec declares.
+
+    ``same_<column>_share`` for the first two categorical features, ``median_<column>_ratio``
+    (larger / smaller, so 1.0 is identical) for the first numeric one and
+    ``median_distance_km`` with geo, over neighbour rows with rank <= k, per method. A metric
+    is null where no pair has both values. No such features: no rows.
     """
-    columns = ("make", "body_type", "price_eur", "latitude", "longitude")
+    categorical, numeric, geo = coherence_features(spec)
+    columns = [
+        *categorical,
+        *([numeric] if numeric else []),
+        *(["latitude", "longitude"] if geo else []),
+    ]
     query = listings.select("listing_id", *[F.col(c).alias(f"q_{c}") for c in columns])
     other = listings.select(
         F.col("listing_id").alias("neighbour_id"), *[F.col(c).alias(f"n_{c}") for c in columns]
@@ -254,23 +272,22 @@ def coherence_metrics(
         q, n = F.col(f"q_{column}"), F.col(f"n_{column}")
         return F.avg(F.when(q.isNotNull() & n.isNotNull(), (q == n).cast("double")))
 
-    q_price, n_price = F.col("q_price_eur"), F.col("n_price_eur")
-    ratio = F.when(
-        (q_price > 0) & (n_price > 0), F.greatest(q_price, n_price) / F.least(q_price, n_price)
-    )
-    km = haversine_km(
-        F.col("q_latitude"), F.col("q_longitude"), F.col("n_latitude"), F.col("n_longitude")
-    )
-    per_method = rows.groupBy("method").agg(
-        F.percentile_approx(km, 0.5, 10_000).alias("median_distance_km"),
-        same("make").alias("same_make_share"),
-        same("body_type").alias("same_body_share"),
-        F.percentile_approx(ratio, 0.5, 10_000).alias("median_price_ratio"),
-    )
-    return _tall(
-        per_method,
-        ["median_distance_km", "same_make_share", "same_body_share", "median_price_ratio"],
-    )
+    metrics: dict[str, Column] = {}
+    if geo:
+        km = haversine_km(
+            F.col("q_latitude"), F.col("q_longitude"), F.col("n_latitude"), F.col("n_longitude")
+        )
+        metrics["median_distance_km"] = F.percentile_approx(km, 0.5, 10_000)
+    for column in categorical:
+        metrics[f"same_{column}_share"] = same(column)
+    if numeric:
+        q, n = F.col(f"q_{numeric}"), F.col(f"n_{numeric}")
+        ratio = F.when((q > 0) & (n > 0), F.greatest(q, n) / F.least(q, n))
+        metrics[f"median_{numeric}_ratio"] = F.percentile_approx(ratio, 0.5, 10_000)
+    if not metrics:
+        return neighbours.sparkSession.createDataFrame([], TALL_SCHEMA)
+    per_method = rows.groupBy("method").agg(*[c.alias(name) for name, c in metrics.items()])
+    return _tall(per_method, list(metrics))
 
 
 def stability_metrics(current: DataFrame, previous: DataFrame, *, k: int = SUMMARY_K) -> DataFrame:
@@ -308,6 +325,7 @@ def all_metrics(
     active: DataFrame,
     ranks: DataFrame,
     listings: DataFrame,
+    spec: FeatureSpec = NO_FEATURES,
     ks: Sequence[int] = KS,
     k: int = SUMMARY_K,
     previous: DataFrame | None = None,
@@ -324,7 +342,7 @@ def all_metrics(
         ranking_metrics(pairs, neighbours, ks=ks),
         coverage_metrics(neighbours, active, k=k, queries=queries),
         popularity_bias(neighbours, ranks, k=k),
-        coherence_metrics(neighbours, listings, k=k),
+        coherence_metrics(neighbours, listings, spec, k=k),
     ]
     if previous is not None:
         published = neighbours.where(F.col("method").isin(*stability_methods))
@@ -339,6 +357,7 @@ def evaluate_lists(
     listing_features: DataFrame,
     popularity: DataFrame,
     snapshot: DataFrame,
+    spec: FeatureSpec = NO_FEATURES,
     previous: DataFrame | None = None,
     queries: DataFrame | None = None,
     ks: Sequence[int] = KS,
@@ -357,6 +376,7 @@ def evaluate_lists(
         active=active,
         ranks=popularity_ranks(popularity, active),
         listings=snapshot,
+        spec=spec,
         ks=ks,
         k=k,
         previous=previous,

@@ -1,30 +1,36 @@
-"""Listing feature encoding shared by training and inference.
+"""Listing feature encoding shared by training and inference, driven by the feature spec.
 
-``fit_feature_encoding`` learns small statistics from the listing snapshot (runs two Spark
-aggregations and returns a JSON-able dict, saved with the shards and inside the model artifact);
-``encode_listing_features`` is the pure transform that applies them.
+``fit_feature_encoding`` learns small statistics from the listing snapshot (a few Spark
+aggregations; returns a JSON-able dict saved with the shards and inside the model artifact);
+``encode_listing_features`` is the pure transform that applies them. Per declared kind:
+
+- categorical: a code per value (1.. by frequency, 0 unknown);
+- numeric: a quantile-bucket code and a z-scored value (of log1p where the values span orders
+  of magnitude);
+- geo: a grid-cell code and the z-scored coordinates;
+- multi-valued categorical and text: up to ``slots`` token codes per listing (0 pads).
+
+Single codes go to ``codes``, z-scores to ``dense``, token codes to ``tokens`` (fixed widths
+per spec, so every row of ``listing_features`` has the same shape).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from typing import Any
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from lib.feature_spec import GEO, Feature, FeatureSpec, from_dict
+from lib.schema_check import SchemaError
 from schemas import listings as listings_schema
-from schemas import training_examples
 
-ENCODING_VERSION = 1
-# Bucketised numeric features: (code column, source column expression name).
-_BUCKETISED = {
-    "year_bucket": "year",
-    "mileage_bucket": "mileage_km",
-    "price_bucket": "price_eur",
-    "power_bucket": "power_kw",
-}
+ENCODING_VERSION = 2
+# A value this many standard deviations out is as far as the tower needs to see it.
+_CLIP = 5.0
+# Words split on anything that is not a letter or a digit.
+_TOKEN_SPLIT = r"[^\p{L}\p{N}]+"
 
 
 def _geo_cell_key(cell_degrees: float) -> Column:
@@ -38,83 +44,228 @@ def _geo_cell_key(cell_degrees: float) -> Column:
     )
 
 
-def _age_years(run_date: dt.date) -> Column:
-    return F.lit(run_date.year) - F.col("year")
+def token_values(feature: Feature) -> Column:
+    """A listing's distinct tokens of a multi-valued or text feature, in order of appearance."""
+    source = F.col(feature.column)
+    if feature.kind == "text":
+        words = F.split(F.lower(source), _TOKEN_SPLIT)
+        return F.array_distinct(F.filter(words, lambda w: F.length(w) >= 2))
+    separator = feature.option("separator")
+    values = source if separator is None else F.split(source, _quoted(separator))
+    trimmed = F.transform(values, lambda v: F.trim(v))
+    return F.array_distinct(F.filter(trimmed, lambda v: v.isNotNull() & (F.length(v) > 0)))
 
 
-def fit_feature_encoding(
-    listings: DataFrame,
-    *,
-    run_date: dt.date,
-    num_buckets: int = 16,
-    geo_cell_degrees: float = 0.5,
-    max_vocabulary: int = 50_000,
-) -> dict[str, Any]:
-    """Learn categorical vocabularies, quantile buckets and normalisation statistics.
+def _quoted(separator: str) -> str:
+    return "".join(f"\\{c}" if not c.isalnum() else c for c in separator)
 
-    Runs Spark jobs (two aggregations and an approximate quantile pass) and returns a small dict.
-    Category codes start at 1 in descending frequency; 0 is the unknown / out-of-vocabulary bucket.
-    """
-    with_cell = listings.withColumn("_geo_cell", _geo_cell_key(geo_cell_degrees))
-    categorical_columns = [*listings_schema.CATEGORICAL_FEATURES, "_geo_cell"]
-    stacked = with_cell.select(
+
+def _value_counts(snapshot: DataFrame, spec: FeatureSpec) -> dict[str, list[str]]:
+    """Per categorical, token and geo feature, its values by descending frequency (capped)."""
+    stacked = []
+    limits: dict[str, tuple[int, int]] = {}
+    for feature in spec.of_kind("categorical"):
+        stacked.append(F.array(F.col(feature.column).cast("string")))
+        limits[feature.column] = (feature.option("max_vocabulary"), 1)
+    for feature in spec.of_kind("multi_categorical", "text"):
+        stacked.append(token_values(feature))
+        min_count = feature.option("min_count") if feature.kind == "text" else 1
+        limits[feature.column] = (feature.option("max_vocabulary"), min_count)
+    if spec.geo:
+        stacked.append(F.array(_geo_cell_key(float(spec.geo.option("cell_degrees")))))
+        limits[GEO] = (1 << 30, 1)
+    if not stacked:
+        return {}
+    names = list(limits)
+    pairs = snapshot.select(
         F.explode(
             F.array(
                 *[
-                    F.struct(F.lit(c).alias("feature"), F.col(c).cast("string").alias("value"))
-                    for c in categorical_columns
+                    F.struct(F.lit(name).alias("feature"), values.alias("values"))
+                    for name, values in zip(names, stacked, strict=True)
                 ]
             )
         ).alias("kv")
-    ).select("kv.feature", "kv.value")
-    counts = stacked.where(F.col("value").isNotNull()).groupBy("feature", "value").count().collect()
-    vocabularies: dict[str, list[str]] = {c: [] for c in categorical_columns}
-    for row in sorted(counts, key=lambda r: (r["feature"], -r["count"], r["value"])):
-        if len(vocabularies[row["feature"]]) < max_vocabulary:
-            vocabularies[row["feature"]].append(row["value"])
-
-    probabilities = [i / num_buckets for i in range(1, num_buckets)]
-    boundaries = with_cell.approxQuantile(list(_BUCKETISED.values()), probabilities, 0.001)
-    dense = with_cell.select(
-        F.col("latitude"),
-        F.col("longitude"),
-        F.log1p(F.col("price_eur")).alias("log_price"),
-        F.col("mileage_km").cast("double").alias("mileage"),
-        _age_years(run_date).cast("double").alias("age"),
+    ).select("kv.feature", F.explode_outer("kv.values").alias("value"))
+    counts = pairs.where(F.col("value").isNotNull()).groupBy("feature", "value").count()
+    # Bounded by the caps: a catalogue of millions of distinct words never reaches the driver.
+    ranked = counts.withColumn(
+        "rank",
+        F.row_number().over(Window.partitionBy("feature").orderBy(F.desc("count"), F.asc("value"))),
     )
-    stats_row = dense.agg(
-        *[F.mean(c).alias(f"{c}_mean") for c in dense.columns],
-        *[F.stddev_pop(c).alias(f"{c}_std") for c in dense.columns],
+    cap = F.lit(0)
+    floor = F.lit(0)
+    for name, (max_vocabulary, min_count) in limits.items():
+        cap = F.when(F.col("feature") == name, F.lit(max_vocabulary)).otherwise(cap)
+        floor = F.when(F.col("feature") == name, F.lit(min_count)).otherwise(floor)
+    kept = ranked.where((F.col("rank") <= cap) & (F.col("count") >= floor)).collect()
+    vocabularies: dict[str, list[str]] = {name: [] for name in names}
+    for row in sorted(kept, key=lambda r: (r["feature"], r["rank"])):
+        vocabularies[row["feature"]].append(row["value"])
+    return vocabularies
+
+
+def _numeric_stats(snapshot: DataFrame, spec: FeatureSpec) -> dict[str, dict[str, float]]:
+    columns = [f.column for f in spec.of_kind("numeric")]
+    if spec.geo:
+        columns += ["latitude", "longitude"]
+    if not columns:
+        return {}
+    logged = {c: F.log1p(F.when(F.col(c) >= 0, F.col(c))) for c in columns}
+    row = snapshot.agg(
+        *[F.count(F.col(c)).alias(f"{c}|n") for c in columns],
+        *[F.min(c).alias(f"{c}|min") for c in columns],
+        *[F.mean(c).alias(f"{c}|mean") for c in columns],
+        *[F.stddev_pop(c).alias(f"{c}|std") for c in columns],
+        *[F.skewness(c).alias(f"{c}|skew") for c in columns],
+        *[F.mean(logged[c]).alias(f"{c}|log_mean") for c in columns],
+        *[F.stddev_pop(logged[c]).alias(f"{c}|log_std") for c in columns],
+        *[F.skewness(logged[c]).alias(f"{c}|log_skew") for c in columns],
     ).first()
-    normalisation = {
-        c: {
-            "mean": float(stats_row[f"{c}_mean"] or 0.0),
-            "std": float(stats_row[f"{c}_std"] or 1.0) or 1.0,
-        }
-        for c in dense.columns
-    }
+    return {c: {k: row[f"{c}|{k}"] for k in _STAT_KEYS} for c in columns}
+
+
+_STAT_KEYS = ("n", "min", "mean", "std", "skew", "log_mean", "log_std", "log_skew")
+
+
+def _use_log(feature: Feature, stats: dict[str, float]) -> bool:
+    choice = feature.option("log")
+    if choice != "auto":
+        return bool(choice)
+    # Prices, mileages, counts: non-negative and right-skewed; log1p makes them less so.
+    skew, log_skew = stats["skew"] or 0.0, stats["log_skew"] or 0.0
+    return (stats["min"] or 0.0) >= 0 and skew > 1.0 and abs(log_skew) < abs(skew)
+
+
+def _z(mean: float | None, std: float | None) -> dict[str, float]:
+    std = float(std or 0.0)
+    return {"mean": float(mean or 0.0), "std": std if std > 0 and math.isfinite(std) else 1.0}
+
+
+def fit_feature_encoding(
+    listings: DataFrame, spec: FeatureSpec, *, max_listings_per_quantile: float = 0.001
+) -> dict[str, Any]:
+    """Learn vocabularies, quantile buckets and normalisation statistics for ``spec``.
+
+    Runs Spark jobs (a grouped count, one aggregation and an approximate quantile pass) and
+    returns a small dict. A declared column that holds no value at all is refused: it would
+    encode to the unknown code everywhere, which is a mapping error more often than a choice.
+    """
+    vocabularies = _value_counts(listings, spec)
+    stats = _numeric_stats(listings, spec)
+    for feature in spec.features:
+        source = "latitude" if feature.kind == GEO else feature.column
+        empty = not stats[source]["n"] if source in stats else not vocabularies.get(feature.column)
+        if empty:
+            raise SchemaError(
+                listings_schema.SPEC.name,
+                ", ".join(feature.source_columns),
+                f"declared {feature.kind} in the feature spec, but no listing has a value"
+                + (
+                    f" (text: no word is on {feature.option('min_count')} listings)"
+                    if feature.kind == "text"
+                    else ""
+                ),
+            )
+    numeric = spec.of_kind("numeric")
+    boundaries: list[list[float]] = []
+    if numeric:
+        cuts = []
+        for feature in numeric:
+            buckets = feature.option("buckets")
+            cuts.append([i / buckets for i in range(1, buckets)])
+        probabilities = sorted({p for c in cuts for p in c})
+        found = listings.approxQuantile(
+            [f.column for f in numeric], probabilities, max_listings_per_quantile
+        )
+        for wanted, values in zip(cuts, found, strict=True):
+            by_p = dict(zip(probabilities, values, strict=True))
+            # Distinct boundaries only: a quantile repeated (many listings at one price) is one cut.
+            boundaries.append(sorted({by_p[p] for p in wanted}))
+
+    codes: list[dict[str, Any]] = []
+    dense: list[dict[str, Any]] = []
+    tokens: list[dict[str, Any]] = []
+    for feature in spec.of_kind("categorical"):
+        codes.append(
+            {
+                "name": feature.column,
+                "source": feature.column,
+                "kind": "categorical",
+                "vocabulary": vocabularies[feature.column],
+            }
+        )
+    for feature, bounds in zip(numeric, boundaries, strict=True):
+        codes.append(
+            {
+                "name": f"{feature.column}_bucket",
+                "source": feature.column,
+                "kind": "bucket",
+                "bounds": bounds,
+            }
+        )
+        s = stats[feature.column]
+        log = _use_log(feature, s)
+        dense.append(
+            {
+                "name": f"{feature.column}_norm",
+                "source": feature.column,
+                "log": log,
+                **(_z(s["log_mean"], s["log_std"]) if log else _z(s["mean"], s["std"])),
+            }
+        )
+    if spec.geo:
+        codes.append(
+            {
+                "name": "geo_cell",
+                "source": GEO,
+                "kind": "geo_cell",
+                "cell_degrees": float(spec.geo.option("cell_degrees")),
+                "vocabulary": vocabularies[GEO],
+            }
+        )
+        for axis in ("latitude", "longitude"):
+            s = stats[axis]
+            dense.append(
+                {"name": f"{axis}_norm", "source": axis, "log": False, **_z(s["mean"], s["std"])}
+            )
+    for feature in spec.of_kind("multi_categorical", "text"):
+        slots = feature.option(
+            "max_values" if feature.kind == "multi_categorical" else "max_tokens"
+        )
+        tokens.append(
+            {
+                "name": feature.column,
+                "source": feature.column,
+                "kind": feature.kind,
+                "slots": int(slots),
+                "vocabulary": vocabularies[feature.column],
+            }
+        )
     return {
         "version": ENCODING_VERSION,
-        "reference_year": run_date.year,
-        "geo_cell_degrees": geo_cell_degrees,
-        "vocabularies": {
-            ("geo_cell" if c == "_geo_cell" else c): v for c, v in vocabularies.items()
-        },
-        # Distinct boundaries only: a quantile repeated (many listings at one price) is one cut.
-        "buckets": {code: sorted(set(b)) for code, b in zip(_BUCKETISED, boundaries, strict=True)},
-        "normalisation": normalisation,
+        "spec": spec.to_dict(),
+        "codes": codes,
+        "dense": dense,
+        "tokens": tokens,
     }
 
 
 def cardinalities(encoding: dict[str, Any]) -> dict[str, int]:
-    """Number of codes per categorical feature column, unknown bucket (0) included."""
-    sizes = {
-        f"{c}_code": len(v) + 1 for c, v in encoding["vocabularies"].items() if c != "geo_cell"
+    """Number of codes per single-code feature, in ``codes`` order, unknown (0) included."""
+    return {
+        c["name"]: (len(c["bounds"]) + 2 if c["kind"] == "bucket" else len(c["vocabulary"]) + 1)
+        for c in encoding["codes"]
     }
-    sizes["geo_cell"] = len(encoding["vocabularies"]["geo_cell"]) + 1
-    for code, bounds in encoding["buckets"].items():
-        sizes[code] = len(bounds) + 2  # 0 = missing, 1..len+1 = intervals
-    return {c: sizes[c] for c in training_examples.CATEGORICAL_CODES}
+
+
+def dense_names(encoding: dict[str, Any]) -> list[str]:
+    return [d["name"] for d in encoding["dense"]]
+
+
+def token_fields(encoding: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """``(name, codes incl. the 0 pad, slots per listing)`` per token feature, in order."""
+    return [(t["name"], len(t["vocabulary"]) + 1, t["slots"]) for t in encoding["tokens"]]
 
 
 def _lookup(column: Column, vocabulary: list[str]) -> Column:
@@ -133,9 +284,30 @@ def _bucket(column: Column, bounds: list[float]) -> Column:
     return F.when(column.isNull(), F.lit(0)).otherwise(index)
 
 
-def _normalised(column: Column, stats: dict[str, float]) -> Column:
-    std = stats["std"] if stats["std"] and math.isfinite(stats["std"]) else 1.0
-    return F.coalesce((column - F.lit(stats["mean"])) / F.lit(std), F.lit(0.0))
+def _normalised(column: Column, entry: dict[str, Any]) -> Column:
+    value = F.log1p(F.when(column >= 0, column)) if entry["log"] else column
+    z = (value - F.lit(entry["mean"])) / F.lit(entry["std"])
+    return F.coalesce(F.least(F.greatest(z, F.lit(-_CLIP)), F.lit(_CLIP)), F.lit(0.0))
+
+
+def _token_codes(feature: Feature, entry: dict[str, Any]) -> Column:
+    vocabulary = entry["vocabulary"]
+    slots = int(entry["slots"])
+    if not vocabulary:
+        return F.array_repeat(F.lit(0), slots)
+    mapping = F.create_map(
+        *[x for i, v in enumerate(vocabulary, start=1) for x in (F.lit(v), F.lit(i))]
+    )
+    known = F.filter(
+        F.transform(F.coalesce(token_values(feature), F.array()), lambda t: mapping[t]),
+        lambda code: code.isNotNull(),
+    )
+    first = F.slice(known, 1, slots)
+    return F.concat(first, F.array_repeat(F.lit(0), F.lit(slots) - F.size(first)))
+
+
+def _int_array(columns: list[Column]) -> Column:
+    return F.array(*columns).cast("array<int>") if columns else F.array().cast("array<int>")
 
 
 def encode_listing_features(
@@ -146,26 +318,19 @@ def encode_listing_features(
     ``has_interactions`` is left False here; ``mark_listings_with_interactions`` sets it once the
     training examples exist.
     """
-    vocabularies = encoding["vocabularies"]
-    buckets = encoding["buckets"]
-    norm = encoding["normalisation"]
-    codes = {
-        f"{c}_code": _lookup(F.col(c), vocabularies[c])
-        for c in listings_schema.CATEGORICAL_FEATURES
-    }
-    codes["geo_cell"] = _lookup(
-        _geo_cell_key(encoding["geo_cell_degrees"]), vocabularies["geo_cell"]
-    )
-    for code, source in _BUCKETISED.items():
-        codes[code] = _bucket(F.col(source).cast("double"), buckets[code])
-    age = F.lit(encoding["reference_year"]) - F.col("year")
-    dense = {
-        "lat_norm": _normalised(F.col("latitude"), norm["latitude"]),
-        "lon_norm": _normalised(F.col("longitude"), norm["longitude"]),
-        "log_price_norm": _normalised(F.log1p(F.col("price_eur")), norm["log_price"]),
-        "mileage_norm": _normalised(F.col("mileage_km").cast("double"), norm["mileage"]),
-        "age_norm": _normalised(age.cast("double"), norm["age"]),
-    }
+    spec = from_dict(encoding["spec"])
+    code_columns = []
+    for entry in encoding["codes"]:
+        if entry["kind"] == "categorical":
+            code_columns.append(_lookup(F.col(entry["source"]), entry["vocabulary"]))
+        elif entry["kind"] == "bucket":
+            code_columns.append(_bucket(F.col(entry["source"]).cast("double"), entry["bounds"]))
+        else:
+            code_columns.append(_lookup(_geo_cell_key(entry["cell_degrees"]), entry["vocabulary"]))
+    dense_columns = [_normalised(F.col(d["source"]).cast("double"), d) for d in encoding["dense"]]
+    by_name = {f.column: f for f in spec.features}
+    token_columns = [_token_codes(by_name[t["source"]], t) for t in encoding["tokens"]]
+    tokens = F.concat(*token_columns) if token_columns else F.array()
     vocab = listing_vocabulary.select(
         F.col("id").alias("listing_id"), F.col("idx").alias("listing_idx")
     )
@@ -174,6 +339,11 @@ def encode_listing_features(
         "listing_id",
         "is_active",
         F.lit(False).alias("has_interactions"),
-        *[codes[c].cast("int").alias(c) for c in training_examples.CATEGORICAL_CODES],
-        *[dense[c].cast("float").alias(c) for c in training_examples.DENSE_FEATURES],
+        _int_array(code_columns).alias("codes"),
+        (
+            F.array(*dense_columns).cast("array<float>")
+            if dense_columns
+            else F.array().cast("array<float>")
+        ).alias("dense"),
+        tokens.cast("array<int>").alias("tokens"),
     )

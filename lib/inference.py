@@ -12,7 +12,7 @@ from pyspark import Broadcast
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from schemas import listing_embeddings, training_examples
+from schemas import listing_embeddings
 
 _EMBEDDING_SCHEMA = "listing_id string, embedding array<float>, is_cold_start boolean"
 # One model per Python worker process, reused across the tasks that worker runs.
@@ -31,10 +31,14 @@ def _model(artifact: Broadcast, model_version: str):
     return _MODELS[model_version]
 
 
-def _embed_batches(artifact: Broadcast, model_version: str, batch_size: int):
-    codes = list(training_examples.CATEGORICAL_CODES)
-    dense = list(training_examples.DENSE_FEATURES)
+def _matrix(column: pd.Series, dtype) -> np.ndarray:
+    """A column of equal-length arrays as a ``[rows, width]`` matrix (width 0 allowed)."""
+    if len(column) == 0:
+        return np.zeros((0, 0), dtype)
+    return np.stack([np.asarray(v, dtype) for v in column]).reshape(len(column), -1)
 
+
+def _embed_batches(artifact: Broadcast, model_version: str, batch_size: int):
     def embed(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
 
@@ -42,11 +46,14 @@ def _embed_batches(artifact: Broadcast, model_version: str, batch_size: int):
         for pdf in batches:
             for start in range(0, len(pdf), batch_size):
                 part = pdf.iloc[start : start + batch_size]
+                codes = np.hstack(
+                    [_matrix(part["codes"], np.int64), _matrix(part["tokens"], np.int64)]
+                )
                 with torch.inference_mode():
                     vectors = model.listing_vectors(
                         torch.as_tensor(part["listing_idx"].to_numpy(np.int64)),
-                        torch.as_tensor(part[codes].to_numpy(np.int64)),
-                        torch.as_tensor(part[dense].to_numpy(np.float32)),
+                        torch.as_tensor(codes),
+                        torch.as_tensor(_matrix(part["dense"], np.float32)),
                         id_known=torch.as_tensor(part["has_interactions"].to_numpy(bool)),
                     ).numpy()
                 yield pd.DataFrame(

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from schemas.training_examples import CATEGORICAL_CODES, DENSE_FEATURES, LISTING_FEATURES_SPEC
+from schemas.training_examples import LISTING_FEATURES_SPEC
 
 ID_COLUMNS = ("user_idx", "listing_idx")
 # Listing-listing pairs: a context listing and a listing co-interacted with it.
@@ -32,10 +32,10 @@ FLOAT_COLUMNS = ("weight", "log_q")
 
 @dataclass(frozen=True)
 class ListingFeatures:
-    """Encoded features of every listing index: ``codes`` int32 ``[n, n_codes]`` (widened per
-    batch, so a large catalogue's table stays half the size), ``dense`` float32 ``[n, n_dense]``.
-    Indices without a features row keep zeros: the unknown code and the mean of every
-    normalised feature."""
+    """Encoded features of every listing index: ``codes`` int32 ``[n, n_codes + n_slots]``
+    (the single codes, then the token slots; widened per batch, so a large catalogue's table
+    stays half the size), ``dense`` float32 ``[n, n_dense]``. Indices without a features row
+    keep zeros: the unknown code, no tokens and the mean of every normalised feature."""
 
     codes: torch.Tensor
     dense: torch.Tensor
@@ -44,15 +44,28 @@ class ListingFeatures:
         return len(self.codes)
 
 
+def _fixed_width(table, column: str, width: int, dtype) -> np.ndarray:
+    lists = table.column(column).combine_chunks()
+    lengths = lists.value_lengths().to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths.min() != width or lengths.max() != width):
+        raise ValueError(
+            f"table '{LISTING_FEATURES_SPEC.name}', column '{column}': rows of "
+            f"{sorted(set(lengths.tolist()))[:5]} values where the manifest says {width}: "
+            "shards and manifest from different runs?"
+        )
+    values = lists.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return values.reshape(len(lengths), width)
+
+
 def read_listing_features(
-    path: str | Path,
-    num_listings: int,
-    *,
-    code_columns: Sequence[str] = CATEGORICAL_CODES,
-    dense_columns: Sequence[str] = DENSE_FEATURES,
+    path: str | Path, num_listings: int, *, num_codes: int, num_dense: int, num_slots: int = 0
 ) -> ListingFeatures:
-    """Load a ``listing_features`` directory (or file) into a table indexed by ``listing_idx``."""
-    table = pq.read_table(path, columns=["listing_idx", *code_columns, *dense_columns])
+    """Load a ``listing_features`` directory (or file) into a table indexed by ``listing_idx``.
+
+    The widths come from the shard manifest (``cardinalities``, ``dense_features``,
+    ``token_fields``) and every row must have them.
+    """
+    table = pq.read_table(path, columns=["listing_idx", "codes", "dense", "tokens"])
     idx = table.column("listing_idx").to_numpy()
     outside = idx[(idx < 0) | (idx >= num_listings)]
     if len(outside):
@@ -60,12 +73,11 @@ def read_listing_features(
             f"table '{LISTING_FEATURES_SPEC.name}', column 'listing_idx': {len(outside)} values "
             f"outside [0, {num_listings}), e.g. {outside[:3].tolist()}"
         )
-    codes = np.zeros((num_listings, len(code_columns)), np.int32)
-    dense = np.zeros((num_listings, len(dense_columns)), np.float32)
-    for j, name in enumerate(code_columns):
-        codes[idx, j] = table.column(name).to_numpy()
-    for j, name in enumerate(dense_columns):
-        dense[idx, j] = table.column(name).to_numpy()
+    codes = np.zeros((num_listings, num_codes + num_slots), np.int32)
+    dense = np.zeros((num_listings, num_dense), np.float32)
+    codes[idx, :num_codes] = _fixed_width(table, "codes", num_codes, np.int32)
+    codes[idx, num_codes:] = _fixed_width(table, "tokens", num_slots, np.int32)
+    dense[idx] = _fixed_width(table, "dense", num_dense, np.float32)
     return ListingFeatures(torch.from_numpy(codes), torch.from_numpy(dense))
 
 

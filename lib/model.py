@@ -23,6 +23,8 @@ class TwoTowerConfig:
 
     ``cardinalities`` lists ``(code_name, n)`` in the order the listing tower reads the codes;
     codes are in ``[0, n)`` with 0 meaning unknown. A mapping is accepted and frozen into a tuple.
+    ``token_fields`` lists ``(name, n, slots)`` per bag-of-tokens feature (amenities, words of a
+    description): its ``slots`` codes follow the single codes, in ``[0, n)``, 0 padding.
     """
 
     num_users: int
@@ -36,6 +38,7 @@ class TwoTowerConfig:
     id_dropout: float = 0.3
     temperature: float = 0.05
     dense_names: tuple[str, ...] = field(default=())
+    token_fields: tuple[tuple[str, int, int], ...] = field(default=())
     # Weights of the loss terms: user -> listing, listing -> co-interacted listing (one shared
     # listing tower on both sides), and a feature-only vector pulled to its listing's full one.
     user_weight: float = 1.0
@@ -47,6 +50,16 @@ class TwoTowerConfig:
         pairs = cards.items() if isinstance(cards, Mapping) else cards
         object.__setattr__(self, "cardinalities", tuple((str(k), int(v)) for k, v in pairs))
         object.__setattr__(self, "dense_names", tuple(str(n) for n in self.dense_names))
+        object.__setattr__(
+            self,
+            "token_fields",
+            tuple((str(name), int(n), int(slots)) for name, n, slots in self.token_fields),
+        )
+        bad_tokens = [t for t in self.token_fields if t[1] < 1 or t[2] < 1]
+        if bad_tokens:
+            raise ValueError(
+                f"TwoTowerConfig.token_fields sizes and slots must be >= 1: {bad_tokens}"
+            )
         for name in ("num_users", "num_listings", "dim", "id_dim", "feature_dim", "hidden"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TwoTowerConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -76,6 +89,7 @@ class TwoTowerConfig:
         out = asdict(self)
         out["cardinalities"] = dict(self.cardinalities)
         out["dense_names"] = list(self.dense_names)
+        out["token_fields"] = [list(t) for t in self.token_fields]
         return out
 
     @classmethod
@@ -107,11 +121,34 @@ class TwoTowerModel(nn.Module):
         # All categorical features share one table, each code shifted by its feature's offset:
         # one lookup and one backward instead of one per feature (a measurable share of a step).
         sizes = [n for _, n in config.cardinalities]
-        self.feature_embedding = nn.Embedding(max(sum(sizes), 1), config.feature_dim)
+        # Only the tables a catalogue's features need: DDP refuses parameters no loss uses.
+        self.feature_embedding = nn.Embedding(sum(sizes), config.feature_dim) if sizes else None
         offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0)
         self.register_buffer("code_offsets", offsets[: len(sizes)], persistent=False)
         self.register_buffer("code_sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
-        in_dim = config.id_dim + len(sizes) * config.feature_dim + config.num_dense
+        # Each bag-of-tokens feature: one table for all of them too, pooled per feature.
+        token_sizes = [n for _, n, _ in config.token_fields]
+        self.token_embedding = (
+            nn.Embedding(sum(token_sizes), config.feature_dim) if token_sizes else None
+        )
+        token_offsets = torch.tensor([0, *token_sizes[:-1]], dtype=torch.long).cumsum(0)
+        slot_offsets = [
+            int(token_offsets[f])
+            for f, (_, _, slots) in enumerate(config.token_fields)
+            for _ in range(slots)
+        ]
+        slot_sizes = [n for _, n, slots in config.token_fields for _ in range(slots)]
+        self.register_buffer(
+            "slot_offsets", torch.tensor(slot_offsets, dtype=torch.long), persistent=False
+        )
+        self.register_buffer(
+            "slot_sizes", torch.tensor(slot_sizes, dtype=torch.long), persistent=False
+        )
+        in_dim = (
+            config.id_dim
+            + (len(sizes) + len(config.token_fields)) * config.feature_dim
+            + config.num_dense
+        )
         self.listing_mlp = nn.Sequential(
             nn.Linear(in_dim, config.hidden),
             nn.ReLU(),
@@ -129,7 +166,9 @@ class TwoTowerModel(nn.Module):
         nn.init.normal_(self.listing_embedding.weight, std=0.1)
         with torch.no_grad():
             self.listing_embedding.weight[self.unknown_listing_idx].zero_()
-        nn.init.normal_(self.feature_embedding.weight, std=0.1)
+        for table in (self.feature_embedding, self.token_embedding):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.1)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The id tables (sparse gradients): optimise with a sparse optimizer (lazy Adam)."""
@@ -153,32 +192,55 @@ class TwoTowerModel(nn.Module):
     ) -> torch.Tensor:
         """``[B, dim]`` unit vectors; where ``id_known`` is False the id is ignored entirely.
 
-        ``codes`` is ``LongTensor[B, n_codes]`` in ``config.code_names`` order, ``dense``
+        ``codes`` is ``LongTensor[B, n_codes + n_slots]``: the single codes in
+        ``config.code_names`` order, then every token field's slots; ``dense``
         ``FloatTensor[B, num_dense]``. With ``id_known`` all False the vector depends only on
         the features, which is how cold-start listings are embedded.
         """
-        if codes.shape[-1] != len(self.code_offsets):
+        n_codes = len(self.code_offsets)
+        if codes.shape[-1] != n_codes + len(self.slot_offsets):
             raise ValueError(
-                f"codes has {codes.shape[-1]} columns, expected {len(self.code_offsets)}"
+                f"codes has {codes.shape[-1]} columns, expected {n_codes} codes and "
+                f"{len(self.slot_offsets)} token slots"
             )
         if dense.shape[-1] != self.config.num_dense:
             raise ValueError(
                 f"dense has {dense.shape[-1]} columns, expected {self.config.num_dense}"
             )
+        codes, tokens = codes[:, :n_codes], codes[:, n_codes:]
         # In one shared table an out-of-range code would silently read another feature's rows.
         out_of_range = (codes < 0) | (codes >= self.code_sizes)
         if bool(out_of_range.any()):
             bad = out_of_range.any(dim=0).nonzero().flatten().tolist()
             names = [self.config.code_names[i] for i in bad]
             raise ValueError(f"codes out of range for {names} (sizes {self.config.cardinalities})")
+        if bool(((tokens < 0) | (tokens >= self.slot_sizes)).any()):
+            raise ValueError(f"token codes out of range (fields {self.config.token_fields})")
         if id_known is not None:
             listing_idx = torch.where(
                 id_known, listing_idx, torch.full_like(listing_idx, self.unknown_listing_idx)
             )
         ids = self.listing_embedding(listing_idx)
-        feats = self.feature_embedding(codes + self.code_offsets).flatten(1)
-        x = torch.cat([ids, feats, dense.to(ids.dtype)], dim=-1)
+        parts = [ids]
+        if self.feature_embedding is not None:
+            parts.append(self.feature_embedding(codes + self.code_offsets).flatten(1))
+        parts += self._token_bags(tokens)
+        x = torch.cat([*parts, dense.to(ids.dtype)], dim=-1)
         return F.normalize(self.listing_mlp(x), dim=-1)
+
+    def _token_bags(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Per token field, the mean of its tokens' vectors (zeros when it has none)."""
+        if self.token_embedding is None:
+            return []
+        present = (tokens > 0).to(self.token_embedding.weight.dtype)
+        vectors = self.token_embedding(tokens + self.slot_offsets) * present[..., None]
+        bags, start = [], 0
+        for _, _, slots in self.config.token_fields:
+            part = slice(start, start + slots)
+            count = present[:, part].sum(dim=1, keepdim=True).clamp_min(1.0)
+            bags.append(vectors[:, part].sum(dim=1) / count)
+            start += slots
+        return bags
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return self.loss(batch)

@@ -24,6 +24,11 @@ class Layout:
         return f"{self.root}/inputs/listings"
 
     @property
+    def feature_spec(self) -> str:
+        """The listings' declared features (``lib.feature_spec``), when the inputs have one."""
+        return f"{self.root}/inputs/feature_spec.json"
+
+    @property
     def truth(self) -> str:
         return f"{self.root}/inputs/truth"
 

@@ -29,21 +29,55 @@ from pyspark.sql import functions as F
 
 from lib import delta_io
 from lib.evaluation import METHOD_ORDER
-from lib.lookup import neighbours_with_features
+from lib.feature_spec import NO_FEATURES, FeatureSpec
+from lib.lookup import format_value, neighbours_with_features
 from schemas import listing_embeddings, listing_neighbours
 
-DEFAULT_LABELS = {
-    "make": "make",
-    "model": "model",
-    "body_type": "body type",
-    "price_eur": "price (EUR)",
-    "city": "city",
-    "year": "year",
-    "mileage_km": "mileage (km)",
-    "power_kw": "power (kW)",
-}
-# Card fields, in display order.
-_CARD_FIELDS = ("make", "model", "body_type", "price_eur", "year", "mileage_km", "city")
+
+@dataclass(frozen=True)
+class ReportColumns:
+    """Which snapshot columns the page uses, from the feature spec: ``group`` (the first
+    categorical feature: the 1-D strip and its learned table), ``colours`` (the map's panels:
+    two categorical features and a numeric one), ``area`` (a place-like column the listing
+    vectors are averaged over: the first shown column that is not a feature, else the second
+    categorical) and ``shown`` (the example cards)."""
+
+    group: str | None = None
+    colours: tuple[str, ...] = ()
+    numeric: str | None = None
+    area: str | None = None
+    shown: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, spec: FeatureSpec) -> ReportColumns:
+        categorical = [f.column for f in spec.of_kind("categorical")]
+        numeric = [f.column for f in spec.of_kind("numeric")]
+        features = {f.column for f in spec.features}
+        plain = [c for c in spec.shown if c not in features]
+        area = plain[0] if plain else (categorical[1] if len(categorical) > 1 else None)
+        return cls(
+            group=categorical[0] if categorical else None,
+            colours=(*categorical[:2], *numeric[:1]),
+            numeric=numeric[0] if numeric else None,
+            area=area,
+            shown=spec.shown,
+        )
+
+    @property
+    def sampled(self) -> tuple[str, ...]:
+        """The columns collected with the sampled embeddings."""
+        wanted = [
+            *self.colours,
+            *([self.group] if self.group else []),
+            *([self.area] if self.area else []),
+        ]
+        return tuple(dict.fromkeys(wanted))
+
+
+def label(column: str) -> str:
+    return column.replace("_", " ")
+
+
 _TOP_CATEGORIES = 10
 _PALETTE = colormaps["tab10"].colors
 
@@ -56,15 +90,15 @@ class ReportData:
     run_date: str
     model_version: str | None
     metrics: dict[str, dict[str, float | None]]
-    points: pd.DataFrame  # listing_id, is_cold_start, make, body_type, price_eur, city, embedding
+    points: pd.DataFrame  # listing_id, is_cold_start, embedding, the ``columns.sampled``
+    columns: ReportColumns = field(default_factory=ReportColumns)
     examples: list[dict[str, Any]] = field(default_factory=list)
-    make_vectors: tuple[list[str], np.ndarray] | None = None
-    city_vectors: tuple[list[str], np.ndarray, str] | None = None
+    group_vectors: tuple[list[str], np.ndarray] | None = None
+    area_vectors: tuple[list[str], np.ndarray, str] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     ann: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABELS))
     notes: list[str] = field(default_factory=list)
     # What the validation split chose: the blend (``lib.blend``) and the tuned baselines.
     validation: dict[str, Any] = field(default_factory=dict)
@@ -92,28 +126,30 @@ def feature_table(state: Mapping[str, Any], cardinalities: Mapping[str, int], co
 
 
 def learned_tables(
-    artifact_path: str, cell_cities: Mapping[int, str]
+    artifact_path: str, group: str | None, cell_areas: Mapping[int, str]
 ) -> tuple[tuple[list[str], np.ndarray] | None, tuple[list[str], np.ndarray, str] | None]:
-    """The model's learned make embeddings and geo-cell embeddings (labelled by city).
+    """The model's learned embeddings of the ``group`` feature's values and of the geo cells
+    (labelled by area).
 
-    ``cell_cities`` maps a geo-cell code to the city most of its listings are in. Code 0 is the
+    ``cell_areas`` maps a geo-cell code to the area most of its listings are in. Code 0 is the
     unknown bucket, so vocabulary entry i is row i + 1.
     """
     from lib.training import load_artifact  # torch is imported only when a model is shown
 
     model, meta = load_artifact(artifact_path)
     state, cardinalities = model.state_dict(), dict(meta["config"]["cardinalities"])
-    makes = meta["encodings"]["vocabularies"]["make"]
-    make_vectors = city_vectors = None
-    table = feature_table(state, cardinalities, "make_code")
-    if table is not None and len(makes) >= 2:
-        make_vectors = (list(makes), table[1 : len(makes) + 1])
-    cells = sorted(c for c in cell_cities if c > 0)
+    vocabularies = {c["name"]: c.get("vocabulary", []) for c in meta["encodings"].get("codes", [])}
+    group_vectors = area_vectors = None
+    values = vocabularies.get(group or "", [])
+    table = feature_table(state, cardinalities, group) if group else None
+    if table is not None and len(values) >= 2:
+        group_vectors = (list(values), table[1 : len(values) + 1])
+    cells = sorted(c for c in cell_areas if c > 0)
     table = feature_table(state, cardinalities, "geo_cell")
     if table is not None and len(cells) >= 3:
-        labels = [cell_cities[c] for c in cells]
-        city_vectors = (labels, table[cells], "learned geo-cell embeddings, labelled by city")
-    return make_vectors, city_vectors
+        names = [cell_areas[c] for c in cells]
+        area_vectors = (names, table[cells], "learned geo-cell embeddings, labelled by area")
+    return group_vectors, area_vectors
 
 
 def gather_report_data(
@@ -131,16 +167,18 @@ def gather_report_data(
     ann: dict[str, Any] | None = None,
     stage_seconds: dict[str, float] | None = None,
     summary: dict[str, Any] | None = None,
-    labels: Mapping[str, str] | None = None,
+    spec: FeatureSpec = NO_FEATURES,
+    encoding: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
     sample: int = 3000,
     examples: int = 6,
 ) -> ReportData:
     """Collect a sample of embeddings, example neighbour lists and the learned tables (IO)."""
-    shown = ("make", "body_type", "price_eur", "city")
+    columns = ReportColumns.of(spec)
+    sampled = [c for c in columns.sampled if c in snapshot.columns]
     points = (
         embeddings.select("listing_id", "embedding", "is_cold_start")
-        .join(snapshot.select("listing_id", *shown), "listing_id", "left")
+        .join(snapshot.select("listing_id", *sampled), "listing_id", "left")
         .orderBy(F.xxhash64("listing_id"))
         .limit(sample)
         .toPandas()
@@ -150,8 +188,9 @@ def gather_report_data(
         want = examples - examples // 2 if not cold else examples // 2
         chosen = points[points["is_cold_start"] == cold]["listing_id"].head(want)
         picked += chosen.tolist()
+    shown = [c for c in columns.shown if c in snapshot.columns]
     rows = neighbours_with_features(
-        neighbours.where(F.col("listing_id").isin(picked) & (F.col("rank") <= 5)), snapshot
+        neighbours.where(F.col("listing_id").isin(picked) & (F.col("rank") <= 5)), snapshot, shown
     ).collect()
     cold_ids = set(points.loc[points["is_cold_start"], "listing_id"])
     cards = []
@@ -160,7 +199,7 @@ def gather_report_data(
             (r.asDict() for r in rows if r.listing_id == listing_id), key=lambda r: r["rank"]
         )
         if mine:
-            query = {c: mine[0][c] for c in _CARD_FIELDS}
+            query = {c: mine[0][c] for c in shown}
             cards.append(
                 {
                     "listing_id": listing_id,
@@ -172,30 +211,32 @@ def gather_report_data(
                             "rank": r["rank"],
                             "score": r["score"],
                             "distance_km": r["distance_km"],
-                            **{c: r[f"n_{c}"] for c in _CARD_FIELDS},
+                            **{c: r[f"n_{c}"] for c in shown},
                         }
                         for r in mine
                     ],
                 }
             )
-    make_vectors = city_vectors = None
+    group_vectors = area_vectors = None
     if artifact_path and Path(artifact_path).exists():
-        cell_rows = (
-            listing_features.select("listing_id", "geo_cell")
-            .join(
-                snapshot.select("listing_id", "city").where(F.col("city").isNotNull()), "listing_id"
-            )
-            .groupBy("geo_cell", "city")
-            .count()
-            .collect()
-        )
+        code_names = [c["name"] for c in (encoding or {}).get("codes", [])]
         best: dict[int, tuple[int, str]] = {}
-        for r in cell_rows:
-            if r["count"] > best.get(r["geo_cell"], (0, ""))[0]:
-                best[r["geo_cell"]] = (r["count"], r["city"])
+        if "geo_cell" in code_names and columns.area in snapshot.columns:
+            cell = F.col("codes")[code_names.index("geo_cell")].alias("geo_cell")
+            area = F.col(columns.area).cast("string").alias("area")
+            cell_rows = (
+                listing_features.select("listing_id", cell)
+                .join(snapshot.select("listing_id", area).where(area.isNotNull()), "listing_id")
+                .groupBy("geo_cell", "area")
+                .count()
+                .collect()
+            )
+            for r in cell_rows:
+                if r["count"] > best.get(r["geo_cell"], (0, ""))[0]:
+                    best[r["geo_cell"]] = (r["count"], r["area"])
         try:
-            make_vectors, city_vectors = learned_tables(
-                artifact_path, {cell: city for cell, (_, city) in best.items()}
+            group_vectors, area_vectors = learned_tables(
+                artifact_path, columns.group, {cell: name for cell, (_, name) in best.items()}
             )
         except (ValueError, KeyError) as error:  # an artifact this code cannot read: no panel
             notes = [*notes, f"Learned embedding tables not shown: {error}"]
@@ -205,14 +246,14 @@ def gather_report_data(
         model_version=model_version,
         metrics=metrics,
         points=points,
+        columns=columns,
         examples=cards,
-        make_vectors=make_vectors,
-        city_vectors=city_vectors,
+        group_vectors=group_vectors,
+        area_vectors=area_vectors,
         training=training or {},
         ann=ann or {},
         stage_seconds=stage_seconds or {},
         summary=summary or {},
-        labels={**DEFAULT_LABELS, **(labels or {})},
         notes=list(notes),
     )
 
@@ -250,7 +291,8 @@ def report_for_run(
     run_id: str | None = None,
     stage_seconds: Mapping[str, float] | None = None,
     title: str = "Listing similarity",
-    labels: Mapping[str, str] | None = None,
+    spec: FeatureSpec = NO_FEATURES,
+    encoding: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
     validation: Mapping[str, Any] | None = None,
 ) -> str:
@@ -300,7 +342,8 @@ def report_for_run(
         ann=search_info(neighbours_table, run_id=run_id, model_version=model_version),
         stage_seconds=dict(stage_seconds),
         summary={k: v for k, v in summary.items() if v is not None},
-        labels=labels,
+        spec=spec,
+        encoding=encoding,
         notes=notes,
     )
     data.validation = dict(validation or {})
@@ -381,41 +424,58 @@ def _categorical_colours(values: pd.Series) -> tuple[list, list[tuple[str, tuple
     return colours, legend
 
 
-def _map_figure(points: pd.DataFrame, coords: np.ndarray, labels: Mapping[str, str]) -> str:
-    panels = [c for c in ("make", "body_type", "price_eur") if points[c].notna().any()]
+def _map_figure(points: pd.DataFrame, coords: np.ndarray, columns: ReportColumns) -> str:
+    """One PCA panel per colouring column (none: one plain panel), cold listings circled."""
+    panels = [c for c in columns.colours if c in points and points[c].notna().any()] or [None]
     fig = Figure(figsize=(5.2 * len(panels), 4.6))
     axes = fig.subplots(1, len(panels), squeeze=False)
     cold = points["is_cold_start"].to_numpy(bool)
     for ax, column in zip(axes[0], panels, strict=True):
-        if column == "price_eur":
-            price = points[column].astype(float)
-            scatter = ax.scatter(coords[:, 0], coords[:, 1], c=np.log10(price.clip(lower=1)),
-                                 s=6, cmap="viridis", linewidths=0)  # fmt: skip
+        if column is None:
+            ax.scatter(coords[:, 0], coords[:, 1], s=6, color=_PALETTE[0], linewidths=0)
+            ax.set_title("listing vectors")
+        elif column == columns.numeric:
+            values = points[column].astype(float)
+            positive = bool((values.dropna() > 0).all())
+            shade = np.log10(values.clip(lower=1e-9)) if positive else values
+            scatter = ax.scatter(
+                coords[:, 0], coords[:, 1], c=shade, s=6, cmap="viridis", linewidths=0
+            )
             bar = fig.colorbar(scatter, ax=ax, shrink=0.8)
-            bar.set_label(f"log10 {labels.get(column, column)}")
+            bar.set_label(f"log10 {label(column)}" if positive else label(column))
         else:
-            colours, legend = _categorical_colours(points[column])
+            colours, legend = _categorical_colours(points[column].astype("string"))
             ax.scatter(coords[:, 0], coords[:, 1], c=colours, s=6, linewidths=0)
-            handles = [Line2D([], [], marker="o", ls="", color=c, label=name[:22])
-                       for name, c in legend]  # fmt: skip
-            ax.legend(handles=handles, fontsize=7, frameon=False, loc="upper left",
-                      bbox_to_anchor=(1.0, 1.0))  # fmt: skip
+            handles = [
+                Line2D([], [], marker="o", ls="", color=c, label=name[:22]) for name, c in legend
+            ]
+            ax.legend(
+                handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1, 1)
+            )
         if cold.any():
-            ax.scatter(coords[cold, 0], coords[cold, 1], s=18, facecolors="none",
-                       edgecolors="black", linewidths=0.6, label="cold start")  # fmt: skip
-        ax.set_title(f"coloured by {labels.get(column, column)}")
+            ax.scatter(
+                coords[cold, 0],
+                coords[cold, 1],
+                s=18,
+                facecolors="none",
+                edgecolors="black",
+                linewidths=0.6,
+                label="cold start",
+            )
+        if column is not None:
+            ax.set_title(f"coloured by {label(column)}")
         ax.set_xticks([])
         ax.set_yticks([])
     return _png(fig)
 
 
-def make_axis(vectors: np.ndarray, groups: pd.Series, min_size: int = 3) -> np.ndarray:
+def group_axis(vectors: np.ndarray, groups: pd.Series, min_size: int = 3) -> np.ndarray:
     """Positions of all rows on the direction that spreads the group centroids most.
 
     That is the first principal component of the (size-weighted) centroids of the groups with
-    at least ``min_size`` rows: the one line along which the makes differ most.
+    at least ``min_size`` rows: the one line along which the groups differ most.
     """
-    keys = groups.fillna("(none)").to_numpy()
+    keys = groups.astype("string").fillna("(none)").to_numpy()
     names, counts = np.unique(keys, return_counts=True)
     names = names[counts >= min_size] if (counts >= min_size).sum() >= 2 else names
     centroids = np.stack([vectors[keys == n].mean(axis=0) for n in names])
@@ -428,22 +488,23 @@ def make_axis(vectors: np.ndarray, groups: pd.Series, min_size: int = 3) -> np.n
     return (vectors - centre) @ vt[0]
 
 
-def _strip_figure(points: pd.DataFrame, position: np.ndarray, labels: Mapping[str, str]) -> str:
-    frame = pd.DataFrame({"group": points["make"].fillna("(none)"), "x": position})
+def _strip_figure(points: pd.DataFrame, position: np.ndarray, group: str) -> str:
+    frame = pd.DataFrame({"group": points[group].astype("string").fillna("(none)"), "x": position})
     counts = frame["group"].value_counts()
     keep = [g for g in counts.index[:25] if counts[g] >= 3] or list(counts.index[:25])
     order = frame[frame["group"].isin(keep)].groupby("group")["x"].median().sort_values()
     fig = Figure(figsize=(9, 0.28 * len(order) + 1.2))
     ax = fig.subplots()
     rng = np.random.default_rng(0)
-    for row, group in enumerate(order.index):
-        xs = frame.loc[frame["group"] == group, "x"].to_numpy()
-        ax.scatter(xs, row + rng.uniform(-0.18, 0.18, len(xs)), s=4, alpha=0.35,
-                   color=_PALETTE[row % len(_PALETTE)], linewidths=0)  # fmt: skip
+    for row, value in enumerate(order.index):
+        xs = frame.loc[frame["group"] == value, "x"].to_numpy()
+        jitter = row + rng.uniform(-0.18, 0.18, len(xs))
+        colour = _PALETTE[row % len(_PALETTE)]
+        ax.scatter(xs, jitter, s=4, alpha=0.35, color=colour, linewidths=0)
         ax.plot([np.median(xs)], [row], marker="|", markersize=14, color="black")
     ax.set_yticks(range(len(order)), [str(g)[:28] for g in order.index], fontsize=8)
-    name = labels.get("make", "make")
-    ax.set_xlabel(f"position on the one direction of the embedding that separates {name}s most")
+    name = label(group)
+    ax.set_xlabel(f"position on the one direction of the embedding that separates {name} most")
     ax.set_title(f"1-D projection of every listing, one row per {name} (| = median)")
     ax.spines[["top", "right"]].set_visible(False)
     return _png(fig)
@@ -463,10 +524,12 @@ def _table_figure(vectors: tuple, title: str) -> str:
     return _png(fig)
 
 
-def _city_centroids(points: pd.DataFrame, vectors: np.ndarray) -> tuple[list[str], np.ndarray]:
-    cities = points["city"].fillna("(none)").to_numpy()
-    names = [c for c in pd.Series(cities).value_counts().index[:40]]
-    return names, np.stack([vectors[cities == c].mean(axis=0) for c in names])
+def _area_centroids(
+    points: pd.DataFrame, vectors: np.ndarray, area: str
+) -> tuple[list[str], np.ndarray]:
+    areas = points[area].astype("string").fillna("(none)").to_numpy()
+    names = list(pd.Series(areas).value_counts().index[:40])
+    return names, np.stack([vectors[areas == a].mean(axis=0) for a in names])
 
 
 def _loss_figure(training: Mapping[str, Any]) -> str | None:
@@ -512,12 +575,8 @@ def _format(value: Any, digits: int = 3) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _feature(name: str, value: Any) -> str:
-    if name == "year" and value is not None:
-        return str(int(value))
-    if isinstance(value, float) and name != "price_eur":
-        return _format(value, 0 if value.is_integer() else 1)
-    return _format(value, 0)
+def _feature(value: Any) -> str:
+    return html.escape(format_value(value))
 
 
 # (metric key, column header, higher is better?) for the comparison table.
@@ -533,21 +592,33 @@ _TABLE_COLUMNS = (
     ("coverage_at_10", "coverage@10", None),
     ("popularity_rank_ratio_at_10", "popularity rank ratio", None),
     ("median_distance_km", "median km", None),
-    ("same_make_share", "same make", None),
-    ("same_body_share", "same body", None),
-    ("median_price_ratio", "price ratio", None),
 )
 
 
-def _metrics_table(
-    metrics: Mapping[str, Mapping[str, float | None]], labels: Mapping[str, str]
-) -> str:
+def _coherence_columns(metrics: Mapping[str, Mapping[str, float | None]]) -> list[tuple]:
+    """``same_<column>_share`` and ``median_<column>_ratio``: whatever the spec declared."""
+    keys = sorted({k for m in metrics.values() for k in m})
+    same = [
+        (k, f"same {label(k[5:-6])}", None)
+        for k in keys
+        if k.startswith("same_") and k.endswith("_share")
+    ]
+    ratio = [
+        (k, f"{label(k[7:-6])} ratio", None)
+        for k in keys
+        if k.startswith("median_") and k.endswith("_ratio")
+    ]
+    return same + ratio
+
+
+def _metrics_table(metrics: Mapping[str, Mapping[str, float | None]]) -> str:
     methods = _methods(metrics)
-    columns = [c for c in _TABLE_COLUMNS if any(metrics[m].get(c[0]) is not None for m in methods)]
-    header = "".join(
-        f"<th>{html.escape(title.replace('make', labels.get('make', 'make')).replace('body', labels.get('body_type', 'body')))}</th>"
-        for _, title, _ in columns
-    )
+    columns = [
+        c
+        for c in (*_TABLE_COLUMNS, *_coherence_columns(metrics))
+        if any(metrics[m].get(c[0]) is not None for m in methods)
+    ]
+    header = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in columns)
     best = {}
     for key, _, higher in columns:
         values = [metrics[m].get(key) for m in methods if metrics[m].get(key) is not None]
@@ -587,15 +658,13 @@ def shortfalls(metrics: Mapping[str, Mapping[str, float | None]]) -> list[str]:
     return found
 
 
-def _card(example: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+def _card(example: Mapping[str, Any], shown: Sequence[str]) -> str:
     def describe(item: Mapping[str, Any]) -> str:
         parts = []
-        for c in _CARD_FIELDS:
+        for c in shown:
             value = item.get(c)
             if value is not None:
-                parts.append(
-                    f"<span><i>{html.escape(labels.get(c, c))}</i> {_feature(c, value)}</span>"
-                )
+                parts.append(f"<span><i>{html.escape(label(c))}</i> {_feature(value)}</span>")
         return " ".join(parts)
 
     tag = "cold start" if example["cold"] else "warm"
@@ -676,7 +745,7 @@ def _validation_section(validation: Mapping[str, Any]) -> str:
 
 def render_report(data: ReportData) -> str:
     """The whole page as one HTML string (images inline)."""
-    labels = data.labels
+    columns = data.columns
     sections = []
     summary = "".join(
         f"<div>{html.escape(k.replace('_', ' '))}: <b>{_format(v, 0 if float(v).is_integer() else 3)}</b></div>"
@@ -702,7 +771,7 @@ def render_report(data: ReportData) -> str:
             "user after the training window; a hit is B among A's neighbours. Cold pairs have A "
             "or B without training interactions. Coverage, popularity rank ratio (1 = as popular "
             "as an average listing) and coherence use the top 10.</p>"
-            + _metrics_table(data.metrics, labels)
+            + _metrics_table(data.metrics)
             + verdict
             + _img(_hit_rate_figure(data.metrics), "hit rates")
         )
@@ -715,32 +784,34 @@ def render_report(data: ReportData) -> str:
             f"<h2>Map of listing embeddings</h2><p>PCA of {len(vectors):,} sampled listing vectors "
             "(t-SNE/UMAP need a package this project does not depend on); circled points are cold "
             "start listings, embedded from their features alone.</p>"
-            + _img(_map_figure(data.points, coords, labels), "embedding map")
-            + _img(
-                _strip_figure(data.points, make_axis(vectors, data.points["make"]), labels),
-                "1-d strip",
+            + _img(_map_figure(data.points, coords, columns), "embedding map")
+            + (
+                _img(
+                    _strip_figure(
+                        data.points, group_axis(vectors, data.points[columns.group]), columns.group
+                    ),
+                    "1-d strip",
+                )
+                if columns.group in data.points
+                else ""
             )
         )
         learned = []
-        if data.make_vectors:
-            learned.append(
-                _img(
-                    _table_figure(data.make_vectors, f"learned {labels['make']} embeddings (PCA)"),
-                    "make embeddings",
-                )
-            )
-        city = data.city_vectors
-        if city is None and data.points["city"].notna().any():
-            names, matrix = _city_centroids(data.points, vectors)
-            city = (names, matrix, f"mean listing vector per {labels['city']}")
-        if city and len(city[0]) >= 3:
-            learned.append(_img(_table_figure(city[:2], f"{city[2]} (PCA)"), "city embeddings"))
+        if data.group_vectors:
+            title = f"learned {label(columns.group or '')} embeddings (PCA)"
+            learned.append(_img(_table_figure(data.group_vectors, title), "value embeddings"))
+        area = data.area_vectors
+        if area is None and columns.area in data.points and data.points[columns.area].notna().any():
+            names, matrix = _area_centroids(data.points, vectors, columns.area)
+            area = (names, matrix, f"mean listing vector per {label(columns.area)}")
+        if area and len(area[0]) >= 3:
+            learned.append(_img(_table_figure(area[:2], f"{area[2]} (PCA)"), "area embeddings"))
         if learned:
             sections.append(
                 "<h2>Learned embeddings</h2><div class='grid2'>" + "".join(learned) + "</div>"
             )
     if data.examples:
-        cards = "".join(_card(e, labels) for e in data.examples)
+        cards = "".join(_card(e, columns.shown) for e in data.examples)
         sections.append(
             f"<h2>Example listings and their top neighbours</h2><div class='cards'>{cards}</div>"
         )

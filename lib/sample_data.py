@@ -30,9 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from lib import car_marketplace, feature_spec
 from lib.schema_check import arrow_schema
 from schemas import interactions as interactions_schema
-from schemas import listings as listings_schema
 
 # --- the world ---------------------------------------------------------------------------------
 
@@ -413,9 +413,11 @@ def write_marketplace(market: Marketplace, out_dir: str) -> dict[str, str]:
     """Write the tables under ``out_dir`` (replacing earlier output); return their paths.
 
     ``listings/`` is one Parquet file, ``interactions/`` is hive-partitioned by ``event_date``,
-    ``truth/users.parquet`` and ``truth/listings.parquet`` hold the ground truth.
+    ``truth/users.parquet`` and ``truth/listings.parquet`` hold the ground truth,
+    ``feature_spec.json`` the features a car marketplace declares.
     """
     paths = {
+        "feature_spec": os.path.join(out_dir, "feature_spec.json"),
         "listings": os.path.join(out_dir, "listings"),
         "interactions": os.path.join(out_dir, "interactions"),
         "truth_users": os.path.join(out_dir, "truth", "users.parquet"),
@@ -426,6 +428,7 @@ def write_marketplace(market: Marketplace, out_dir: str) -> dict[str, str]:
     os.makedirs(paths["listings"])
     os.makedirs(os.path.dirname(paths["truth_users"]))
     pq.write_table(market.listings, os.path.join(paths["listings"], "part-00000.parquet"))
+    feature_spec.write(car_marketplace.FEATURE_SPEC, paths["feature_spec"])
     date_field = market.interactions.schema.field("event_date")
     ds.write_dataset(
         market.interactions,
@@ -898,7 +901,7 @@ def _listings_table(lst, listing_ids: pa.Array, created: np.ndarray) -> pa.Table
         "is_active": pa.array(lst["active"], pa.bool_()),
         "created_date": pa.array(created, pa.int32()).cast(pa.date32()),
     }
-    schema = arrow_schema(listings_schema.SPEC.schema)
+    schema = car_marketplace.LISTINGS_SCHEMA
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 

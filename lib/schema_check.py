@@ -31,6 +31,8 @@ _WIDENINGS: dict[type, tuple[type, ...]] = {
     # Strings are parsed; values that do not parse are caught by the validation step.
     T.TimestampType: (T.StringType, T.DateType, T.TimestampNTZType),
     T.DateType: (T.StringType, T.TimestampType),
+    # An integer or boolean id or category reads as its decimal text, losing nothing.
+    T.StringType: (T.IntegerType, T.LongType, T.ShortType, T.ByteType, T.BooleanType),
 }
 
 

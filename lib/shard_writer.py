@@ -19,6 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lib import cointeraction, evaluation, features, shards, validation
+from lib.feature_spec import NO_FEATURES, FeatureSpec
 from lib.parquet_io import StagedDirectory, parquet_files, read_parquet, write_json, write_parquet
 from lib.session import uncompressed_cache
 from schemas import interactions, training_examples
@@ -131,6 +132,7 @@ def write_shards(
     out_dir: str,
     params: ShardParams,
     *,
+    spec: FeatureSpec = NO_FEATURES,
     previous_shards: str | None = None,
     input_versions: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -172,7 +174,7 @@ def write_shards(
         user_vocab = _write_vocabulary(spark, user_ids, "users", out, previous_shards)
         clock.done("vocabularies")
 
-        encoding = features.fit_feature_encoding(snapshot, run_date=params.run_date)
+        encoding = features.fit_feature_encoding(snapshot, spec)
         encoded = features.encode_listing_features(snapshot, listing_vocab, encoding)
         clock.done("fit_encoding")
         weighted, written = {}, {}
@@ -301,8 +303,12 @@ def write_shards(
             "run_date": params.run_date.isoformat(),
             "num_users": user_vocab.agg(F.max("idx")).first()[0] + 1,
             "num_listings": listing_vocab.agg(F.max("idx")).first()[0] + 1,
-            "cardinalities": features.cardinalities(encoding),
-            "dense_features": list(training_examples.DENSE_FEATURES),
+            "listing_features_version": training_examples.LISTING_FEATURES_SPEC.version,
+            "feature_spec": spec.to_dict(),
+            # Pairs, not a map: the order is the tower's and JSON here is written key-sorted.
+            "cardinalities": [[n, size] for n, size in features.cardinalities(encoding).items()],
+            "dense_features": features.dense_names(encoding),
+            "token_fields": features.token_fields(encoding),
             "train_files": [f"train/{f}" for f in parquet_files(out / "train")],
             "pair_files": [f"train_pairs/{f}" for f in parquet_files(out / "train_pairs")],
             "validation_days": params.validation_window,

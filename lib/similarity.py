@@ -18,8 +18,9 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from lib import ann, baselines, blend, evaluation
+from lib import ann, baselines, blend, evaluation, feature_spec, neighbours
 from lib.cointeraction import VARIANTS, Variant
+from lib.feature_spec import FeatureSpec
 from lib.neighbours import ranked_rows
 from lib.parquet_io import read_json, read_parquet, write_json, write_parquet
 from schemas import training_examples as te
@@ -37,7 +38,12 @@ class ShardInputs:
     validation_events: DataFrame
     cointeraction_fit: DataFrame
     cointeraction_full: DataFrame
-    cardinalities: dict[str, int]
+    # The shards' feature encoding (``lib.features``) and the spec it was fitted for.
+    encoding: dict[str, Any]
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return feature_spec.from_dict(self.encoding["spec"])
 
     @classmethod
     def read(cls, spark: SparkSession, shards_dir: str) -> ShardInputs:
@@ -55,7 +61,7 @@ class ShardInputs:
             cointeraction_full=read_parquet(
                 spark, root / "cointeraction_full", te.COINTERACTION_SPEC
             ),
-            cardinalities=read_json(root / "manifest.json")["cardinalities"],
+            encoding=read_json(root / "manifest.json")["encodings"],
         )
 
 
@@ -128,8 +134,12 @@ def content_search(
     snapshot: DataFrame | None = None,
 ) -> ann.SearchResult:
     """Content neighbours (``baselines.content_vectors``) of the listings in ``embeddings``,
-    with the same search as the model's."""
-    vectors = baselines.content_vectors(shards.listing_features, shards.cardinalities).join(
+    with the same search as the model's; none when the catalogue declares no features."""
+    if not baselines.content_blocks(shards.encoding):
+        spark = embeddings.sparkSession
+        empty = spark.createDataFrame([], neighbours.RANKED_LISTS_SCHEMA)
+        return ann.SearchResult(empty, method="none", info={"content": "no features declared"})
+    vectors = baselines.content_vectors(shards.listing_features, shards.encoding).join(
         embeddings.select("listing_id", *([partition_key] if partition_key else [])),
         "listing_id",
     )

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from lib.loader import ShardDataset, read_listing_features
 from lib.model import TwoTowerConfig, TwoTowerModel
 from lib.model_selection import read_validation_set, validation_hit_rate
-from schemas.training_examples import CATEGORICAL_CODES
+from schemas.training_examples import LISTING_FEATURES_SPEC
 from schemas.training_examples import SPEC as TRAINING_EXAMPLES_SPEC
 
 MANIFEST_SCHEMA_VERSION = TRAINING_EXAMPLES_SPEC.version
@@ -152,9 +152,11 @@ def read_manifest(shards_dir: str) -> dict[str, Any]:
     ]
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
-    no_card = [c for c in CATEGORICAL_CODES if c not in manifest["cardinalities"]]
-    if no_card:
-        raise ValueError(f"{path}: cardinalities lacks {no_card}")
+    if manifest.get("listing_features_version") != LISTING_FEATURES_SPEC.version:
+        raise ValueError(
+            f"{path}: listing features version {manifest.get('listing_features_version')!r}, "
+            f"expected {LISTING_FEATURES_SPEC.version}: rebuild the shards"
+        )
     if not manifest["train_files"]:
         raise ValueError(f"{path}: train_files is empty")
     return manifest
@@ -165,9 +167,10 @@ def model_config(manifest: Mapping[str, Any], params: TrainParams) -> TwoTowerCo
     return TwoTowerConfig(
         num_users=int(manifest["num_users"]),
         num_listings=int(manifest["num_listings"]),
-        cardinalities=tuple((c, int(manifest["cardinalities"][c])) for c in CATEGORICAL_CODES),
+        cardinalities=tuple((c, int(n)) for c, n in manifest["cardinalities"]),
         num_dense=len(manifest["dense_features"]),
         dense_names=tuple(manifest["dense_features"]),
+        token_fields=tuple(tuple(t) for t in manifest.get("token_fields", [])),
         dim=params.dim,
         id_dim=params.id_dim,
         feature_dim=params.feature_dim,
@@ -392,7 +395,11 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
 
     net, sync_sparse = _distributed(model, device, world)
     listing_features = read_listing_features(
-        Path(params.shards_dir) / "listing_features", config.num_listings
+        Path(params.shards_dir) / "listing_features",
+        config.num_listings,
+        num_codes=len(config.cardinalities),
+        num_dense=config.num_dense,
+        num_slots=sum(slots for _, _, slots in config.token_fields),
     )
 
     def shard_loader(paths: list[str], pairs: bool) -> tuple[ShardDataset, DataLoader]:

@@ -1,15 +1,17 @@
 """Listing feature snapshot: one row per listing, active or not, as of the run date.
 
-The columns are a used-car marketplace's, but the model only needs: an id, categorical
-columns, numeric columns and coordinates. Another marketplace maps its own fields onto these
-(an unused categorical can be null everywhere; it then falls into the unknown bucket).
+The contract fixes only what every marketplace has: an id, whether the listing is live, and
+optionally its coordinates and creation date. Feature columns are the marketplace's own,
+declared in a feature spec (``lib.feature_spec``); ``spec_with`` adds them to the contract.
 """
+
+from collections.abc import Mapping
 
 from pyspark.sql.types import (
     BooleanType,
+    DataType,
     DateType,
     DoubleType,
-    IntegerType,
     StringType,
     StructField,
     StructType,
@@ -17,28 +19,12 @@ from pyspark.sql.types import (
 
 from schemas._spec import TableSpec
 
-CATEGORICAL_FEATURES = ("make", "model", "body_type", "fuel_type", "transmission", "colour")
-NUMERIC_FEATURES = ("year", "mileage_km", "price_eur", "power_kw")
-GEO_FEATURES = ("latitude", "longitude")
-
 SCHEMA = StructType(
     [
         StructField("listing_id", StringType(), nullable=False),
-        StructField("make", StringType(), nullable=True),
-        StructField("model", StringType(), nullable=True),
-        StructField("body_type", StringType(), nullable=True),
-        StructField("fuel_type", StringType(), nullable=True),
-        StructField("transmission", StringType(), nullable=True),
-        StructField("colour", StringType(), nullable=True),
-        StructField("year", IntegerType(), nullable=True),
-        StructField("mileage_km", IntegerType(), nullable=True),
-        StructField("price_eur", DoubleType(), nullable=True),
-        StructField("power_kw", IntegerType(), nullable=True),
+        StructField("is_active", BooleanType(), nullable=False),
         StructField("latitude", DoubleType(), nullable=True),
         StructField("longitude", DoubleType(), nullable=True),
-        StructField("city", StringType(), nullable=True),
-        StructField("dealer_id", StringType(), nullable=True),
-        StructField("is_active", BooleanType(), nullable=False),
         StructField("created_date", DateType(), nullable=True),
     ]
 )
@@ -49,3 +35,19 @@ SPEC = TableSpec(
     key=("listing_id",),
     required=("listing_id", "is_active"),
 )
+
+
+def spec_with(feature_columns: Mapping[str, DataType]) -> TableSpec:
+    """The contract plus a marketplace's declared feature columns (nullable: a missing value
+    falls into the feature's unknown code)."""
+    extra = [
+        StructField(name, data_type, nullable=True)
+        for name, data_type in feature_columns.items()
+        if name not in SCHEMA.fieldNames()
+    ]
+    return TableSpec(
+        name=SPEC.name,
+        schema=StructType([*SCHEMA.fields, *extra]),
+        key=SPEC.key,
+        required=SPEC.required,
+    )

@@ -21,27 +21,6 @@ from pyspark.sql.types import (
 
 from schemas._spec import TableSpec
 
-# Integer-coded listing features, in the order the model's listing tower embeds them.
-CATEGORICAL_CODES = (
-    "make_code",
-    "model_code",
-    "body_type_code",
-    "fuel_type_code",
-    "transmission_code",
-    "colour_code",
-    "year_bucket",
-    "mileage_bucket",
-    "price_bucket",
-    "power_bucket",
-    "geo_cell",
-)
-# Continuous features, already normalised (z-scores), fed to the tower as a dense vector.
-DENSE_FEATURES = ("lat_norm", "lon_norm", "log_price_norm", "mileage_norm", "age_norm")
-
-_FEATURE_FIELDS = [StructField(c, IntegerType(), nullable=False) for c in CATEGORICAL_CODES] + [
-    StructField(c, FloatType(), nullable=False) for c in DENSE_FEATURES
-]
-
 SCHEMA = StructType(
     [
         StructField("user_idx", IntegerType(), nullable=False),
@@ -63,11 +42,16 @@ LISTING_FEATURES_SCHEMA = StructType(
         StructField("is_active", BooleanType(), nullable=False),
         # False for listings no training example mentions: embedded from features alone.
         StructField("has_interactions", BooleanType(), nullable=False),
-        *_FEATURE_FIELDS,
+        # The encoding's single codes, z-scores and token codes (``lib.features``): the same
+        # widths on every row, their names and sizes in the shard manifest.
+        StructField("codes", ArrayType(IntegerType(), containsNull=False), nullable=False),
+        StructField("dense", ArrayType(FloatType(), containsNull=False), nullable=False),
+        StructField("tokens", ArrayType(IntegerType(), containsNull=False), nullable=False),
     ]
 )
+# Version 2: the features of the marketplace's own spec, as three fixed-width arrays.
 LISTING_FEATURES_SPEC = TableSpec(
-    name="listing_features", schema=LISTING_FEATURES_SCHEMA, key=("listing_idx",)
+    name="listing_features", schema=LISTING_FEATURES_SCHEMA, key=("listing_idx",), version=2
 )
 
 HOLDOUT_SCHEMA = StructType(

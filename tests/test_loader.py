@@ -15,14 +15,11 @@ from lib.loader import (
     read_listing_features,
 )
 from lib.schema_check import arrow_schema
-from schemas.training_examples import (
-    CATEGORICAL_CODES,
-    DENSE_FEATURES,
-    LISTING_FEATURES_SPEC,
-    SPEC,
-)
+from schemas.training_examples import LISTING_FEATURES_SPEC, SPEC
 
 NUM_LISTINGS = 97
+# The widths a shard manifest would give: single codes, z-scores, token slots.
+NUM_CODES, NUM_DENSE, NUM_SLOTS = 4, 3, 2
 
 
 def write_shards(folder, rows_per_file: list[int]) -> list[str]:
@@ -45,27 +42,49 @@ def write_shards(folder, rows_per_file: list[int]) -> list[str]:
     return paths
 
 
-def write_listing_features(folder, listing_idx: np.ndarray) -> None:
-    """Listing ``i`` has codes ``(i + k) % 5`` and dense values ``i * (k + 1)``."""
+def codes_of(i: int) -> list[int]:
+    """Listing ``i``'s single codes ``(i + k) % 5``."""
+    return [(i + k) % 5 for k in range(NUM_CODES)]
+
+
+def tokens_of(i: int) -> list[int]:
+    """Listing ``i``'s token slots: ``i % 7 + 1``, then padding on every other listing."""
+    return [i % 7 + 1, 0 if i % 2 else i % 3 + 1][:NUM_SLOTS]
+
+
+def dense_of(i: int) -> list[float]:
+    return [float(i) * (k + 1) for k in range(NUM_DENSE)]
+
+
+def write_listing_features(folder, listing_idx: np.ndarray, **columns) -> None:
+    """Listing ``i`` has ``codes_of(i)``, ``dense_of(i)`` and ``tokens_of(i)``; ``columns``
+    replaces whole columns (lists of per-row values)."""
     folder.mkdir(parents=True, exist_ok=True)
-    idx = listing_idx.astype(np.int32)
-    columns = {
+    idx = [int(i) for i in listing_idx]
+    table = {
         "listing_idx": idx,
         "listing_id": [f"L{i}" for i in idx],
-        "is_active": np.ones(len(idx), bool),
-        "has_interactions": np.ones(len(idx), bool),
-        **{c: (idx + k) % 5 for k, c in enumerate(CATEGORICAL_CODES)},
-        **{c: idx.astype(np.float32) * (k + 1) for k, c in enumerate(DENSE_FEATURES)},
+        "is_active": [True] * len(idx),
+        "has_interactions": [True] * len(idx),
+        "codes": [codes_of(i) for i in idx],
+        "dense": [dense_of(i) for i in idx],
+        "tokens": [tokens_of(i) for i in idx],
+        **columns,
     }
     schema = arrow_schema(LISTING_FEATURES_SPEC.schema)
-    pq.write_table(pa.table(columns, schema=schema), folder / "part-00000.parquet")
+    pq.write_table(pa.table(table, schema=schema), folder / "part-00000.parquet")
+
+
+def read(folder, num_listings: int, **widths) -> ListingFeatures:
+    sizes = {"num_codes": NUM_CODES, "num_dense": NUM_DENSE, "num_slots": NUM_SLOTS, **widths}
+    return read_listing_features(folder, num_listings, **sizes)
 
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory) -> ListingFeatures:
     folder = tmp_path_factory.mktemp("listing_features")
     write_listing_features(folder, np.arange(NUM_LISTINGS))
-    return read_listing_features(folder, NUM_LISTINGS)
+    return read(folder, NUM_LISTINGS)
 
 
 def rows_of(batches) -> list[int]:
@@ -100,35 +119,70 @@ def test_batches_carry_every_column_with_model_dtypes(tmp_path, features):
     assert batch["user_idx"].tolist() == list(range(120))
     assert batch["user_idx"].dtype == torch.int64
     assert batch["listing_idx"].tolist() == [i % NUM_LISTINGS for i in range(120)]
-    assert batch["codes"].shape == (120, len(CATEGORICAL_CODES))
+    # The single codes, then the token slots, as the listing tower reads them.
+    assert batch["codes"].shape == (120, NUM_CODES + NUM_SLOTS)
     assert batch["codes"].dtype == torch.int64
     # Row 100 is listing 3: its features come from listing 3's row of listing_features.
-    assert batch["codes"][100].tolist() == [(3 + k) % 5 for k in range(len(CATEGORICAL_CODES))]
-    assert batch["dense"].shape == (120, len(DENSE_FEATURES))
-    assert batch["dense"][100].tolist() == [3.0 * (k + 1) for k in range(len(DENSE_FEATURES))]
+    assert batch["codes"][100].tolist() == codes_of(3) + tokens_of(3)
+    assert batch["dense"].shape == (120, NUM_DENSE)
+    assert batch["dense"][100].tolist() == dense_of(3)
     assert batch["dense"].dtype == batch["weight"].dtype == torch.float32
     assert batch["log_q"].tolist() == [-2.0] * 120
 
 
 def test_listings_without_a_features_row_get_the_unknown_codes(tmp_path):
     write_listing_features(tmp_path, np.array([4, 1]))
-    table = read_listing_features(tmp_path, 6)
-    assert table.codes.shape == (6, len(CATEGORICAL_CODES))
-    assert table.codes[4].tolist() == [(4 + k) % 5 for k in range(len(CATEGORICAL_CODES))]
-    assert table.codes[1].tolist() == [(1 + k) % 5 for k in range(len(CATEGORICAL_CODES))]
+    table = read(tmp_path, 6)
+    assert table.codes.shape == (6, NUM_CODES + NUM_SLOTS)
+    assert table.codes.dtype == torch.int32 and table.dense.dtype == torch.float32
+    assert table.codes[4].tolist() == codes_of(4) + tokens_of(4)
+    assert table.codes[1].tolist() == codes_of(1) + tokens_of(1)
+    assert table.dense[4].tolist() == dense_of(4)
     assert table.codes[[0, 2, 3, 5]].eq(0).all() and table.dense[[0, 2, 3, 5]].eq(0).all()
+
+
+def test_a_catalogue_without_features_reads_as_zero_width_tables(tmp_path):
+    idx = np.array([2, 0])
+    write_listing_features(tmp_path, idx, codes=[[], []], dense=[[], []], tokens=[[], []])
+    table = read(tmp_path, 3, num_codes=0, num_dense=0, num_slots=0)
+    assert table.codes.shape == (3, 0) and table.dense.shape == (3, 0)
+    assert len(table) == 3
+
+
+@pytest.mark.parametrize(
+    ("column", "widths"),
+    [
+        ("codes", {"num_codes": NUM_CODES + 1}),
+        ("dense", {"num_dense": NUM_DENSE - 1}),
+        ("tokens", {"num_slots": 0}),
+    ],
+)
+def test_arrays_wider_or_narrower_than_the_manifest_are_an_error(tmp_path, column, widths):
+    write_listing_features(tmp_path, np.arange(5))
+    with pytest.raises(ValueError, match=rf"listing_features.*'{column}'.*manifest says"):
+        read(tmp_path, 5, **widths)
+
+
+def test_one_row_of_another_width_is_an_error(tmp_path):
+    codes = [codes_of(i) for i in range(5)]
+    codes[3] = codes[3][:-1]
+    write_listing_features(tmp_path, np.arange(5), codes=codes)
+    with pytest.raises(
+        ValueError, match=rf"column 'codes': rows of \[{NUM_CODES - 1}, {NUM_CODES}\] values"
+    ):
+        read(tmp_path, 5)
 
 
 def test_features_outside_the_vocabulary_are_an_error(tmp_path):
     write_listing_features(tmp_path, np.array([0, 7]))
     with pytest.raises(ValueError, match=r"listing_features.*listing_idx.*outside \[0, 5\)"):
-        read_listing_features(tmp_path, 5)
+        read(tmp_path, 5)
 
 
 def test_examples_of_listings_the_features_do_not_cover_are_an_error(tmp_path):
     files = write_shards(tmp_path / "train", [40])
     write_listing_features(tmp_path / "features", np.arange(10))
-    small = read_listing_features(tmp_path / "features", 10)
+    small = read(tmp_path / "features", 10)
     with pytest.raises(ValueError, match=r"listing_idx 39.*covers 10 listings"):
         epoch(files, small, batch_size=40, shuffle_buffer=0)
 

@@ -4,6 +4,8 @@ import torch
 from lib.model import TwoTowerConfig, TwoTowerModel
 
 CARDS = (("make_code", 5), ("body_type_code", 4), ("geo_cell", 7))
+# Bag-of-tokens features: (name, codes incl. the 0 pad, slots per listing).
+TOKENS = (("amenities", 6, 3), ("words", 4, 2))
 
 
 def make_config(**overrides) -> TwoTowerConfig:
@@ -40,6 +42,9 @@ def test_config_round_trips_and_is_hashable():
     assert again == config
     assert hash(again) == hash(config)
     assert config.to_dict()["cardinalities"] == {"make_code": 5, "body_type_code": 4, "geo_cell": 7}
+    tokens = make_config(token_fields=[list(t) for t in TOKENS])
+    assert tokens.token_fields == TOKENS
+    assert TwoTowerConfig.from_dict(tokens.to_dict()) == tokens
 
 
 @pytest.mark.parametrize(
@@ -50,6 +55,8 @@ def test_config_round_trips_and_is_hashable():
         {"id_dropout": 1.0},
         {"temperature": 0.0},
         {"dense_names": ("only_one",)},
+        {"token_fields": (("words", 4, 0),)},
+        {"token_fields": (("words", 0, 2),)},
     ],
 )
 def test_config_rejects_bad_values(overrides):
@@ -244,3 +251,112 @@ def test_softmax_cross_entropy_survives_an_underflowing_target():
     assert loss.item() == pytest.approx(200.0)
     loss.backward()
     assert torch.isfinite(users.grad).all() and torch.isfinite(listings.grad).all()
+
+
+def token_model() -> TwoTowerModel:
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config(token_fields=TOKENS))
+    model.eval()
+    return model
+
+
+def with_tokens(amenities: list[int], words: list[int]) -> torch.Tensor:
+    """One listing's codes: the single codes, then the amenities' and the words' slots."""
+    return torch.tensor([[1, 2, 3, *amenities, *words]])
+
+
+def test_token_fields_share_one_table_after_the_single_codes():
+    model = token_model()
+    assert model.token_embedding.weight.shape == (6 + 4, 4)
+    # Every slot of a field reads that field's rows of the shared table.
+    assert model.slot_offsets.tolist() == [0, 0, 0, 6, 6]
+    assert "slot_offsets" not in model.state_dict()
+    # Each field adds one pooled vector to the tower's input.
+    assert model.listing_mlp[0].in_features == 8 + (3 + 2) * 4 + 2
+    with pytest.raises(ValueError, match="3 codes and 5 token slots"):
+        model.listing_vectors(
+            torch.tensor([0]), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2)
+        )
+
+
+def test_a_listing_vector_follows_its_tokens_but_not_their_padding():
+    model = token_model()
+    dense = torch.zeros(1, 2)
+
+    def vector(amenities, words):
+        with torch.no_grad():
+            return model.listing_vectors(torch.tensor([3]), with_tokens(amenities, words), dense)
+
+    base = vector([2, 5, 0], [3, 0])
+    # Another token, one token more or one fewer: another vector.
+    for amenities, words in [([2, 4, 0], [3, 0]), ([2, 5, 1], [3, 0]), ([2, 5, 0], [3, 1])]:
+        assert not torch.allclose(vector(amenities, words), base)
+    assert not torch.allclose(vector([2, 0, 0], [3, 0]), base)
+    # The same tokens in other slots, padding elsewhere: the same bag, the same vector.
+    torch.testing.assert_close(vector([0, 5, 2], [0, 3]), base)
+    torch.testing.assert_close(vector([5, 0, 2], [0, 3]), base)
+    # The padding rows are never read: changing them changes nothing.
+    with torch.no_grad():
+        model.token_embedding.weight[[0, 6]] = 100.0
+    torch.testing.assert_close(vector([2, 5, 0], [3, 0]), base)
+    # A field with no tokens at all is a zero bag, not a NaN.
+    assert torch.isfinite(vector([0, 0, 0], [0, 0])).all()
+
+
+def test_token_codes_out_of_their_fields_range_are_refused():
+    model = token_model()
+    dense = torch.zeros(1, 2)
+    model.listing_vectors(torch.tensor([0]), with_tokens([5, 5, 5], [3, 3]), dense)
+    # 6 is past the amenities' 6 codes; 5 is an amenity code but past the words' 4: in the
+    # shared table it would silently read another field's row.
+    for amenities, words in [([6, 0, 0], [0, 0]), ([0, 0, 0], [5, 0]), ([0, -1, 0], [0, 0])]:
+        with pytest.raises(ValueError, match="token codes out of range"):
+            model.listing_vectors(torch.tensor([0]), with_tokens(amenities, words), dense)
+
+
+def test_token_table_trains_except_its_padding_rows():
+    model = token_model()
+    model.train()
+    gen = torch.Generator().manual_seed(7)
+    batch = make_batch(16, gen)
+    tokens = torch.cat(
+        [torch.randint(0, 6, (16, 3), generator=gen), torch.randint(0, 4, (16, 2), generator=gen)],
+        dim=1,
+    )
+    batch["codes"] = torch.cat([batch["codes"], tokens], dim=1)
+    model(batch).backward()
+    grad = model.token_embedding.weight.grad
+    assert grad is not None and not grad.is_sparse
+    assert grad[[0, 6]].eq(0).all()
+    assert grad[[1, 2, 3, 4, 5, 7, 8, 9]].abs().sum() > 0
+
+
+def test_a_catalogue_without_features_trains_and_embeds_cold_listings_alike():
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config(cardinalities=(), num_dense=0, id_dropout=0.3))
+    assert model.feature_embedding is None and model.token_embedding is None
+    gen = torch.Generator().manual_seed(8)
+    batch = make_batch(16, gen)
+    batch["codes"] = torch.zeros(16, 0, dtype=torch.long)
+    batch["dense"] = torch.zeros(16, 0)
+    sparse_opt = torch.optim.SparseAdam(model.sparse_parameters(), lr=0.05)
+    dense_opt = torch.optim.AdamW(model.dense_parameters(), lr=0.01)
+    model.train()
+    loss = model(batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    # Every parameter takes part (DDP refuses parameters that get no gradient).
+    assert all(p.grad is not None for p in model.parameters())
+    sparse_opt.step()
+    dense_opt.step()
+
+    model.eval()
+    ids = torch.arange(30)
+    none = torch.zeros(30, 0, dtype=torch.long)
+    with torch.no_grad():
+        cold = model.listing_vectors(ids, none, torch.zeros(30, 0), torch.zeros(30, dtype=bool))
+        warm = model.listing_vectors(ids, none, torch.zeros(30, 0), torch.ones(30, dtype=bool))
+    # Nothing tells cold listings apart: they all get one vector; known ids do not.
+    torch.testing.assert_close(cold, cold[:1].expand(30, -1))
+    torch.testing.assert_close(cold.norm(dim=1), torch.ones(30))
+    assert not torch.allclose(warm[0], warm[1])

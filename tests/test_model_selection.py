@@ -9,9 +9,12 @@ import torch
 from lib.loader import ListingFeatures
 from lib.model import TwoTowerConfig, TwoTowerModel
 from lib.model_selection import read_validation_set, validation_hit_rate
+from lib.schema_check import arrow_schema
 from lib.training import _best_epoch
+from schemas.training_examples import LISTING_FEATURES_SPEC
 
-CARDS = (("make_code", 4), ("model_code", 6))
+CARDS = (("make", 4), ("model", 6))
+TOKENS = (("amenities", 5, 2),)
 N = 40
 
 
@@ -22,13 +25,19 @@ def model_and_features():
         num_listings=N,
         cardinalities=CARDS,
         num_dense=2,
+        token_fields=TOKENS,
         dim=8,
         id_dim=8,
         feature_dim=4,
         hidden=16,
     )
     gen = torch.Generator().manual_seed(1)
-    codes = torch.stack([torch.randint(0, c, (N,), generator=gen) for _, c in CARDS], 1)
+    # The single codes, then the token slots (as read_listing_features lays them out).
+    codes = torch.stack(
+        [torch.randint(0, c, (N,), generator=gen) for _, c in CARDS]
+        + [torch.randint(0, n, (N,), generator=gen) for _, n, s in TOKENS for _ in range(s)],
+        1,
+    )
     features = ListingFeatures(codes.int(), torch.randn(N, 2, generator=gen))
     return TwoTowerModel(config), features
 
@@ -44,10 +53,15 @@ def write_shards(root, pairs, *, active, known):
     pq.write_table(
         pa.table(
             {
-                "listing_idx": pa.array(range(N), pa.int32()),
+                "listing_idx": list(range(N)),
+                "listing_id": [f"L{i}" for i in range(N)],
                 "is_active": active,
                 "has_interactions": known,
-            }
+                "codes": [[1, 2]] * N,
+                "dense": [[0.0, 0.0]] * N,
+                "tokens": [[3, 0]] * N,
+            },
+            schema=arrow_schema(LISTING_FEATURES_SPEC.schema),
         ),
         root / "listing_features" / "part-0.parquet",
     )

@@ -20,12 +20,13 @@ from lib.training import (
     run_with_restarts,
     train_worker,
 )
-from schemas.training_examples import (
-    CATEGORICAL_CODES,
-    DENSE_FEATURES,
-    LISTING_FEATURES_SPEC,
-    SPEC,
-)
+from schemas.training_examples import LISTING_FEATURES_SPEC, SPEC
+
+# A catalogue's encoded features as the shard stage declares them in the manifest: single codes
+# in the tower's order (``make`` first: it carries the learnable group), z-scores, token fields.
+CODE_NAMES = ("make", "body_type", "price_eur_bucket", "geo_cell")
+DENSE_NAMES = ("price_eur_norm", "latitude_norm", "longitude_norm")
+TOKEN_FIELDS = (("amenities", 9, 3),)
 
 
 def fabricate_shards(
@@ -37,23 +38,40 @@ def fabricate_shards(
     files: int = 4,
     groups: int = 4,
     seed: int = 0,
+    features: bool = True,
 ) -> Path:
     """A shards directory as the shard stage writes it, with learnable structure.
 
-    Listing ``l`` belongs to group ``l % groups`` (its ``make_code`` is the group + 1); each user
-    interacts mostly (90%) with listings of one favourite group, so a model that learns users'
-    groups beats chance by a wide margin. The last 5 listings never appear in training (cold).
+    Listing ``l`` belongs to group ``l % groups`` (its ``make`` code, the first of ``codes``, is
+    the group + 1); each user interacts mostly (90%) with listings of one favourite group, so a
+    model that learns users' groups beats chance by a wide margin. The last 5 listings never
+    appear in training (cold). Without ``features`` the catalogue has none (a click log): empty
+    ``codes``, ``dense`` and ``tokens`` arrays and a manifest that declares nothing.
     """
     rng = np.random.default_rng(seed)
-    cards = {c: 6 + i for i, c in enumerate(CATEGORICAL_CODES)}
-    cards["make_code"] = groups + 1
+    code_names = CODE_NAMES if features else ()
+    dense_names = DENSE_NAMES if features else ()
+    token_fields = TOKEN_FIELDS if features else ()
+    cards = {c: 6 + i for i, c in enumerate(code_names)}
+    if features:
+        cards["make"] = groups + 1
     listing_group = np.arange(num_listings) % groups
-    listing_codes = np.stack(
-        [rng.integers(1, cards[c], num_listings) for c in CATEGORICAL_CODES], axis=1
-    ).astype(np.int32)
-    listing_codes[:, 0] = listing_group + 1
-    listing_dense = rng.normal(size=(num_listings, len(DENSE_FEATURES))).astype(np.float32)
-    listing_dense[:, 0] += listing_group
+    listing_codes = np.zeros((num_listings, len(code_names)), np.int32)
+    for k, c in enumerate(code_names):
+        listing_codes[:, k] = rng.integers(1, cards[c], num_listings)
+    if features:
+        listing_codes[:, 0] = listing_group + 1
+    listing_dense = rng.normal(size=(num_listings, len(dense_names))).astype(np.float32)
+    if features:
+        listing_dense[:, 0] += listing_group
+    # Up to ``slots`` distinct tokens per field, the rest padding (0).
+    listing_tokens = np.zeros((num_listings, sum(s for _, _, s in token_fields)), np.int32)
+    start = 0
+    for _, size, slots in token_fields:
+        for i in range(num_listings):
+            present = rng.choice(np.arange(1, size), rng.integers(0, slots + 1), replace=False)
+            listing_tokens[i, start : start + len(present)] = present
+        start += slots
 
     warm = num_listings - 5
     users = rng.integers(0, num_users, rows)
@@ -88,8 +106,9 @@ def fabricate_shards(
             "listing_id": [f"L{i}" for i in all_listings],
             "is_active": np.ones(num_listings, bool),
             "has_interactions": counts > 0,
-            **{c: listing_codes[:, k] for k, c in enumerate(CATEGORICAL_CODES)},
-            **{c: listing_dense[:, k] for k, c in enumerate(DENSE_FEATURES)},
+            "codes": list(listing_codes),
+            "dense": list(listing_dense),
+            "tokens": list(listing_tokens),
         },
         schema=arrow_schema(LISTING_FEATURES_SPEC.schema),
     )
@@ -98,13 +117,19 @@ def fabricate_shards(
         "schema_version": SPEC.version,
         "num_users": num_users,
         "num_listings": num_listings,
-        "cardinalities": cards,
-        "dense_features": list(DENSE_FEATURES),
+        "listing_features_version": LISTING_FEATURES_SPEC.version,
+        "feature_spec": {"features": [{"column": "make", "kind": "categorical"}]},
+        # Pairs in the tower's order, as the shard stage writes them.
+        "cardinalities": [[c, cards[c]] for c in code_names],
+        "dense_features": list(dense_names),
+        "token_fields": [list(t) for t in token_fields],
         "train_files": names,
         "counts": {"training_examples": rows, "listings": num_listings},
         "encodings": {
-            "price_bucket": {"edges": [0.0, 5000.5, 10000.0], "unknown": 0},
-            "make_code": {"vocab": ["audi", "bmw"], "oov": None, "lowercase": True},
+            "version": 2,
+            "codes": [{"name": "make", "kind": "categorical", "vocabulary": ["audi", "bmw"]}],
+            "dense": [],
+            "tokens": [],
         },
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -182,7 +207,10 @@ def test_train_worker_learns_and_writes_a_loadable_artifact(shards, tmp_path, si
 
     model, meta = load_artifact(str(out / "model.pt"))
     assert meta["config"]["dim"] == 8
-    assert meta["categorical_codes"] == list(CATEGORICAL_CODES)
+    assert meta["categorical_codes"] == list(CODE_NAMES)
+    assert meta["dense_features"] == list(DENSE_NAMES)
+    assert model.config.token_fields == TOKEN_FIELDS
+    assert model.config.cardinalities[0] == ("make", 5)
     assert "state_dict" not in meta
     for name, tensor in raw["state_dict"].items():
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
@@ -194,8 +222,10 @@ def test_trained_users_prefer_their_groups_listings(shards, tmp_path, single_ran
     train_worker(params(shards, out, epochs=5))
     model, _ = load_artifact(str(out / "model.pt"))
     table = pq.read_table(shards / "listing_features").to_pandas()
-    codes = torch.tensor(table[list(CATEGORICAL_CODES)].to_numpy(), dtype=torch.long)
-    dense = torch.tensor(table[list(DENSE_FEATURES)].to_numpy(), dtype=torch.float32)
+    codes = torch.tensor(
+        np.hstack([np.stack(table["codes"]), np.stack(table["tokens"])]), dtype=torch.long
+    )
+    dense = torch.tensor(np.stack(table["dense"]), dtype=torch.float32)
     with torch.no_grad():
         listings = model.listing_vectors(
             torch.tensor(table["listing_idx"].to_numpy(), dtype=torch.long),
@@ -205,7 +235,8 @@ def test_trained_users_prefer_their_groups_listings(shards, tmp_path, single_ran
         )
         users = model.user_vectors(torch.arange(60))
     top = (users @ listings.T).argmax(dim=1)
-    hits = (table["make_code"].to_numpy()[top.numpy()] - 1 == np.arange(60) % 4).mean()
+    make = codes[:, CODE_NAMES.index("make")].numpy()
+    hits = (make[top.numpy()] - 1 == np.arange(60) % 4).mean()
     assert hits > 0.6  # chance is 0.25
 
 
@@ -265,15 +296,63 @@ def test_bad_manifest_is_refused(shards, tmp_path, single_rank):
     bad = tmp_path / "bad"
     bad.mkdir()
     manifest = json.loads((shards / "manifest.json").read_text())
-    del manifest["cardinalities"]["geo_cell"]
-    (bad / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="geo_cell"):
+    # A manifest that declares one code fewer than the listing_features rows hold.
+    (bad / "listing_features").symlink_to(shards / "listing_features")
+    (bad / "train").symlink_to(shards / "train")
+    fewer = [pair for pair in manifest["cardinalities"] if pair[0] != "geo_cell"]
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "cardinalities": fewer}))
+    with pytest.raises(
+        ValueError, match=r"'codes': rows of \[4\] values where the manifest says 3"
+    ):
         train_worker(params(bad, tmp_path / "out"))
     (bad / "manifest.json").write_text(json.dumps({**manifest, "schema_version": SPEC.version + 1}))
     with pytest.raises(ValueError, match="schema_version"):
         read_manifest(str(bad))
     with pytest.raises(FileNotFoundError):
         read_manifest(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("version", [None, 1, LISTING_FEATURES_SPEC.version + 1])
+def test_manifest_of_another_listing_features_version_is_refused(shards, tmp_path, version):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    if version is None:
+        # Shards from before the feature spec: named code columns, no version.
+        del manifest["listing_features_version"]
+        manifest["cardinalities"] = {"make_code": 5, "geo_cell": 7}
+    else:
+        manifest["listing_features_version"] = version
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"listing features version {version}.*rebuild"):
+        read_manifest(str(tmp_path))
+
+
+def test_a_catalogue_without_features_trains_and_embeds_from_ids(tmp_path, single_rank):
+    shards = fabricate_shards(tmp_path / "shards", features=False)
+    manifest = read_manifest(str(shards))
+    assert manifest["cardinalities"] == manifest["dense_features"] == []
+    out = tmp_path / "run"
+    metrics = train_worker(params(shards, out, epochs=2))
+    assert all(np.isfinite(metrics["loss_per_epoch"]))
+    assert metrics["loss_per_epoch"][-1] < metrics["loss_per_epoch"][0]
+
+    model, meta = load_artifact(str(out / "model.pt"))
+    assert meta["categorical_codes"] == meta["dense_features"] == []
+    assert model.config.token_fields == ()
+    table = pq.read_table(shards / "listing_features").to_pandas()
+    known = torch.tensor(table["has_interactions"].to_numpy())
+    n = len(table)
+    with torch.no_grad():
+        vectors = model.listing_vectors(
+            torch.tensor(table["listing_idx"].to_numpy(), dtype=torch.long),
+            torch.zeros(n, 0, dtype=torch.long),
+            torch.zeros(n, 0),
+            known,
+        )
+    cold = vectors[~known]
+    assert len(cold) == 5
+    # Without features nothing tells cold listings apart: one vector for all of them.
+    torch.testing.assert_close(cold, cold[:1].expand(len(cold), -1))
+    assert len(torch.unique(vectors[known], dim=0)) == int(known.sum())
 
 
 @pytest.mark.slow
