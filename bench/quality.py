@@ -15,7 +15,7 @@ the reason.
 - ``albany``: Inside Airbnb Albany, ``albany-2024-11`` then ``albany-2025-09``.
 - ``barossa``: Inside Airbnb Barossa Valley, trained on ``barossa-valley-2022-07``, holding out
   what ``barossa-valley-2024-07`` adds.
-- ``online-retail``: UCI Online Retail, through the files importer once it exists.
+- ``online-retail``: UCI Online Retail, through ``listing-similarity import`` (the README's example).
 
 Then, from the run's files only (no Spark, except to derive the held-out pairs when the
 evaluate stage did not store them): every method's pair ranks on the held-out pairs
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import importlib
 import json
 import shutil
 import sys
@@ -418,33 +417,51 @@ def prepare_airbnb(name: str) -> Callable:
     return prepare
 
 
-def retail_importer():
-    """The module of ``listing-similarity import`` (jobs/import_files.py), or None."""
-    if (ROOT / "jobs" / "import_files.py").exists():
-        return importlib.import_module("jobs.import_files")
-    from jobs import cli
-
-    if "import" in cli.COMMANDS:
-        return importlib.import_module(cli.COMMANDS["import"][0])
-    return None
+# The README's worked example: a purchase is the strongest event there is, an invoice a
+# session, the description words and the median price the item's features.
+RETAIL_IMPORT_FLAGS = [
+    "--user",
+    "customer_id",
+    "--item",
+    "stock_code",
+    "--timestamp",
+    "invoice_date",
+    "--event-type",
+    "event_type",
+    "--event-types",
+    "purchase=contact",
+    "--session",
+    "invoice_no",
+    "--active",
+    "is_product",
+    "--text",
+    "description",
+    "--numeric",
+    "unit_price_median:log",
+]
 
 
 def prepare_retail(spark, a: argparse.Namespace, root: str) -> dict:
+    from jobs import import_files
+
     data = Path(a.data_root) / RETAIL_DATA
     if not data.is_dir():
         raise Skip(f"missing data folder {data}")
-    module = retail_importer()
-    if module is None:
-        raise Skip("no importer yet")
-    # The importer's own flags: the data folder in, our inputs folder out.
-    try:
-        args = module.parse_args(["--data", str(data), "--out", f"{root}/inputs"])
-    except SystemExit as error:
-        raise Skip(f"{module.__name__} does not take --data DIR --out DIR") from error
-    imported = module.run(spark, args)
+    imported = import_files.run(
+        spark,
+        import_files.parse_args(
+            [
+                "--interactions",
+                str(data / "transactions.csv.gz"),
+                "--items",
+                str(data / "items.csv.gz"),
+                "--out",
+                f"{root}/inputs",
+                *RETAIL_IMPORT_FLAGS,
+            ]
+        ),
+    )
     say(f"online-retail: imported {json.dumps(imported, default=str)}")
-    if not isinstance(imported, dict) or "shard_args" not in imported:
-        raise Skip(f"{module.__name__} returned no shard_args (run window)")
     return window(imported["shard_args"])
 
 
@@ -458,7 +475,13 @@ PREPARE: dict[str, Callable] = {
 
 def window(shard_args: Mapping) -> dict:
     out = {"run_date": dt.date.fromisoformat(str(shard_args["run_date"]))}
-    for key in ("lookback_days", "holdout_days", "half_life_days"):
+    for key in (
+        "lookback_days",
+        "holdout_days",
+        "validation_days",
+        "half_life_days",
+        "max_events_per_user_day",
+    ):
         if key in shard_args:
             out[key] = shard_args[key]
     return out

@@ -16,6 +16,7 @@ COMMANDS = {
     "run": ("jobs.pipeline", "all stages for one run date"),
     "demo": ("jobs.demo", "generate data and run everything end to end under ./demo"),
     "similar": ("jobs.similar", "print a listing and its top neighbours from the table"),
+    "import": ("jobs.import_files", "plain CSV/Parquet files + a column mapping -> our inputs"),
     "import-insideairbnb": ("jobs.import_insideairbnb", "Inside Airbnb scrapes -> our inputs"),
 }
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from lib import feature_spec
 from lib import insideairbnb as airbnb
 from lib.parquet_io import read_parquet, write_parquet
 from lib.session import build_session
-from schemas import interactions, listings
+from schemas import interactions
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ImportArgs:
     p.add_argument(
         "--later-scrape", help="a later scrape of the same city: its new reviews are the holdout"
     )
-    p.add_argument("--out", required=True, help="inputs folder: writes interactions/ and listings/")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="inputs folder: writes interactions/, listings/ and feature_spec.json",
+    )
     p.add_argument("--feature-set", choices=airbnb.FEATURE_SETS, default="common")
     a = p.parse_args(argv)
     return ImportArgs(a.scrape, a.out, a.later_scrape, a.feature_set)
@@ -56,14 +61,16 @@ def run(spark: SparkSession, args: ImportArgs) -> dict:
         airbnb.to_listings(later_raw, feature_set=args.feature_set) if later_raw else None,
     )
     events = airbnb.interactions_from_scrapes(reviews, later_reviews, split_date=split)
-    write_parquet(snapshot.coalesce(1), f"{args.out}/listings", listings.SPEC)
+    contract = airbnb.listings_spec()
+    write_parquet(snapshot.coalesce(1), f"{args.out}/listings", contract)
+    feature_spec.write(airbnb.feature_spec(args.feature_set), f"{args.out}/feature_spec.json")
     write_parquet(
         events.repartition(4, "event_date"), f"{args.out}/interactions", interactions.SPEC
     )
     written = read_parquet(spark, f"{args.out}/interactions", interactions.SPEC)
     held_out = F.col("event_date") >= F.lit(split or dt.date.max)
     counts = written.agg(F.count(F.lit(1)), F.sum(held_out.cast("long"))).first()
-    active = read_parquet(spark, f"{args.out}/listings", listings.SPEC).groupBy("is_active").count()
+    active = read_parquet(spark, f"{args.out}/listings", contract).groupBy("is_active").count()
     by_state = {r.is_active: r["count"] for r in active.collect()}
     return {
         "stage": "import_insideairbnb",

@@ -2,34 +2,30 @@
 
 A review is the interaction: reviewer ``reviewer_id`` stayed at ``listing_id`` on ``date``.
 It becomes one ``contact`` event (a stay is the strongest signal the data has) at noon UTC of
-that date. Listing columns map onto the general listing schema (``schemas/listings.py``):
+that date. Listing columns keep their own names and are declared in the feature spec
+(``feature_spec(feature_set)``, written beside the inputs):
 
 =================  =====================================  ======================================
-ours               Inside Airbnb                          notes
+column             Inside Airbnb                          kind
 =================  =====================================  ======================================
 listing_id         id
-make               room_type                              Entire home/apt, Private room, ...
-model              host_id                                "host:<id>"; a host's listings are
-                                                          its product line
-body_type          property_type                          detailed scrapes only ("full" set)
-fuel_type,         (none)                                 null: the unknown bucket
-transmission,
-colour, year
-mileage_km         minimum_nights                         short stays vs monthly lets
-price_eur          price                                  the scrape's currency ($ for the US),
-                                                          "$1,234.00" parsed
-power_kw           accommodates                           guests; detailed scrapes only ("full")
-latitude,          latitude, longitude
-longitude
-city               neighbourhood_cleansed, else           Albany: the city wards
+room_type          room_type                              categorical
+neighbourhood      neighbourhood_cleansed, else           categorical (Albany: the city wards)
                    neighbourhood
-dealer_id          host_id
+host_id            host_id                                categorical: a host's listings
+price              price ("$1,234.00" parsed)             numeric, log
+minimum_nights     minimum_nights                         numeric
+name               name                                   text (the title)
+latitude,          latitude, longitude                    geo
+longitude
+property_type      property_type                          categorical ("full" only)
+accommodates       accommodates                           numeric ("full" only)
+bedrooms           bedrooms                               numeric ("full" only)
+amenities          amenities (a JSON list)                multi-valued ("full" only)
 is_active          listed in the latest scrape
 created_date       first_review (if not after the
                    scrape), else null
 =================  =====================================  ======================================
-
-``bedrooms``, ``beds``, ``bathrooms`` and amenities have no column of their own in the schema.
 
 Two scrapes of one city make a time split (``interactions_from_scrapes``): reviews written
 before the earlier scrape's date are training history, reviews from the later scrape written on
@@ -49,12 +45,32 @@ from pathlib import Path
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from lib.feature_spec import FeatureSpec, from_dict, listings_table_spec
+from schemas import TableSpec
 from schemas import interactions as interactions_schema
 from schemas import listings as listings_schema
 
 FEATURE_SETS = ("common", "full")
-# Columns a 17-column summary scrape lacks; used only with feature set "full".
-_DETAILED_ONLY = ("body_type", "power_kw")
+_COMMON = [
+    {"column": "room_type", "kind": "categorical"},
+    {"column": "neighbourhood", "kind": "categorical"},
+    {"column": "host_id", "kind": "categorical"},
+    {"column": "price", "kind": "numeric", "log": True},
+    {"column": "minimum_nights", "kind": "numeric"},
+    {"column": "name", "kind": "text"},
+    {"kind": "geo"},
+]
+# Columns a 17-column summary scrape lacks; declared only with feature set "full".
+_DETAILED = [
+    {"column": "property_type", "kind": "categorical"},
+    {"column": "accommodates", "kind": "numeric"},
+    {"column": "bedrooms", "kind": "numeric"},
+    {"column": "amenities", "kind": "multi_categorical"},
+]
+_DISPLAY = {
+    "common": ["room_type", "neighbourhood", "price", "name"],
+    "full": ["room_type", "property_type", "neighbourhood", "price", "accommodates", "name"],
+}
 EVENT_TYPE = "contact"
 SOURCE = "insideairbnb"
 
@@ -98,41 +114,66 @@ def _number(column: Column) -> Column:
     return F.regexp_replace(column.cast("string"), r"[$,\s]", "").cast("double")
 
 
-def to_listings(raw: DataFrame, *, feature_set: str = "common") -> DataFrame:
-    """One scrape's listings in our listing schema (``is_active`` True: set it afterwards).
-
-    Rows without a numeric id are dropped (broken CSV lines).
-    """
+def feature_spec(feature_set: str = "common") -> FeatureSpec:
+    """What a rental listing declares; ``full`` adds what only detailed scrapes have."""
     if feature_set not in FEATURE_SETS:
         raise ValueError(f"feature_set must be one of {FEATURE_SETS}, got {feature_set!r}")
+    features = _COMMON + (_DETAILED if feature_set == "full" else [])
+    return from_dict(
+        {"features": features, "display": _DISPLAY[feature_set]}, "Inside Airbnb feature spec"
+    )
+
+
+def listings_spec() -> TableSpec:
+    """The listings contract of an import: every mapped column (a common import keeps the
+    detailed ones null, so both feature sets write one table shape)."""
+    return listings_table_spec(feature_spec("full"))
+
+
+def _amenities(column: Column) -> Column:
+    # '["Wifi", "Kitchen"]' in detailed scrapes; anything else reads as no amenities.
+    return F.from_json(column.cast("string"), "array<string>")
+
+
+def to_listings(raw: DataFrame, *, feature_set: str = "common") -> DataFrame:
+    """One scrape's listings in the import's listings contract (``is_active`` True: set it
+    afterwards). Rows without a numeric id are dropped (broken CSV lines)."""
+    declared = feature_spec(feature_set)
     listing_id = F.regexp_extract(F.col("id").cast("string"), r"^\s*(\d+)\s*$", 1)
-    host = _col(raw, "host_id").cast("string")
     first_review = F.to_date(_col(raw, "first_review"))
     scraped = F.to_date(_col(raw, "last_scraped"))
     columns = {
         "listing_id": listing_id,
-        "make": _col(raw, "room_type"),
-        "model": F.when(host.isNotNull(), F.concat(F.lit("host:"), host)),
-        "body_type": _col(raw, "property_type"),
-        "fuel_type": F.lit(None),
-        "transmission": F.lit(None),
-        "colour": F.lit(None),
-        "year": F.lit(None),
-        "mileage_km": _number(_col(raw, "minimum_nights")),
-        "price_eur": _number(_col(raw, "price")),
-        "power_kw": _number(_col(raw, "accommodates")),
+        "is_active": F.lit(True),
         "latitude": _number(_col(raw, "latitude")),
         "longitude": _number(_col(raw, "longitude")),
-        "city": _col(raw, "neighbourhood_cleansed", "neighbourhood"),
-        "dealer_id": host,
-        "is_active": F.lit(True),
         "created_date": F.when(scraped.isNull() | (first_review <= scraped), first_review),
+        "room_type": _col(raw, "room_type"),
+        "neighbourhood": _col(raw, "neighbourhood_cleansed", "neighbourhood"),
+        "host_id": _col(raw, "host_id").cast("string"),
+        "price": _number(_col(raw, "price")),
+        "minimum_nights": _number(_col(raw, "minimum_nights")),
+        "name": _col(raw, "name"),
+        "property_type": _col(raw, "property_type"),
+        "accommodates": _number(_col(raw, "accommodates")),
+        "bedrooms": _number(_col(raw, "bedrooms")),
+        "amenities": _amenities(_col(raw, "amenities")),
     }
-    if feature_set == "common":
-        columns.update({c: F.lit(None) for c in _DETAILED_ONLY})
-    fields = listings_schema.SCHEMA.fields
+    used = {f.column for f in declared.features}
+    fields = listings_spec().schema.fields
     return (
-        raw.select(*[columns[f.name].cast(f.dataType).alias(f.name) for f in fields])
+        raw.select(
+            *[
+                (
+                    columns[f.name]
+                    if f.name in used or f.name in listings_schema.SCHEMA.fieldNames()
+                    else F.lit(None)
+                )
+                .cast(f.dataType)
+                .alias(f.name)
+                for f in fields
+            ]
+        )
         .where(F.col("listing_id") != "")
         .dropDuplicates(["listing_id"])
     )
@@ -147,6 +188,7 @@ def combine_snapshots(earlier: DataFrame, later: DataFrame | None) -> DataFrame:
     """
     if later is None:
         return earlier
+    names = earlier.columns
     later_ids = later.select("listing_id", F.lit(True).alias("_listed"))
     kept = (
         earlier.drop("is_active")
@@ -156,12 +198,12 @@ def combine_snapshots(earlier: DataFrame, later: DataFrame | None) -> DataFrame:
                 F.coalesce(F.col("_listed"), F.lit(False)).alias("is_active")
                 if c == "is_active"
                 else F.col(c)
-                for c in listings_schema.SCHEMA.fieldNames()
+                for c in names
             ]
         )
     )
     new = later.join(earlier.select("listing_id"), "listing_id", "left_anti")
-    return kept.unionByName(new.select(*listings_schema.SCHEMA.fieldNames()))
+    return kept.unionByName(new.select(*names))
 
 
 def to_interactions(reviews: DataFrame) -> DataFrame:

@@ -31,8 +31,16 @@ _WIDENINGS: dict[type, tuple[type, ...]] = {
     # Strings are parsed; values that do not parse are caught by the validation step.
     T.TimestampType: (T.StringType, T.DateType, T.TimestampNTZType),
     T.DateType: (T.StringType, T.TimestampType),
-    # An integer or boolean id or category reads as its decimal text, losing nothing.
-    T.StringType: (T.IntegerType, T.LongType, T.ShortType, T.ByteType, T.BooleanType),
+    # An id, category or shown value stored as a number or boolean reads as its text.
+    T.StringType: (
+        T.IntegerType,
+        T.LongType,
+        T.ShortType,
+        T.ByteType,
+        T.BooleanType,
+        T.DoubleType,
+        T.FloatType,
+    ),
 }
 
 
