@@ -16,11 +16,12 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from jobs import generate_sample_data, pipeline
-from lib import delta_io
+from jobs.similar import shown_features
+from lib import delta_io, feature_spec
 from lib.lookup import describe, neighbours_with_features
 from lib.paths import Layout
 from lib.session import build_session
-from schemas import listing_embeddings, listing_neighbours, listings
+from schemas import listing_embeddings, listing_neighbours
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ def print_examples(spark: SparkSession, layout: Layout, run_date: dt.date, count
     nbr = delta_io.read_table(
         spark, layout.table("listing_neighbours"), listing_neighbours.SPEC, partition=day
     )
-    snapshot = delta_io.read_input(spark, layout.listings, listings.SPEC)
+    spec = shown_features(layout, run_date)
+    snapshot = delta_io.read_input(spark, layout.listings, feature_spec.listings_table_spec(spec))
     picked = [
         r.listing_id
         for cold in (False, True)
@@ -68,16 +70,17 @@ def print_examples(spark: SparkSession, layout: Layout, run_date: dt.date, count
         for r in emb.where("is_cold_start").where(F.col("listing_id").isin(picked)).collect()
     }
     rows = neighbours_with_features(
-        nbr.where(F.col("listing_id").isin(picked) & (F.col("rank") <= 5)), snapshot
+        nbr.where(F.col("listing_id").isin(picked) & (F.col("rank") <= 5)), snapshot, spec.shown
     ).collect()
     for listing_id in picked:
         mine = sorted((r for r in rows if r.listing_id == listing_id), key=lambda r: r["rank"])
         tag = "cold start, no interactions" if listing_id in cold else "warm"
-        print(f"\n{listing_id} [{tag}]: {describe(mine[0])}")
+        print(f"\n{listing_id} [{tag}]: {describe(mine[0], spec.shown)}")
         for r in mine:
+            km = "" if r.distance_km is None else f"{r.distance_km:6.1f} km  "
             print(
-                f"  {r['rank']}. {r.neighbour_id} {describe(r, 'n_')}  "
-                f"{r.distance_km:6.1f} km  score {r.score:.3f}"
+                f"  {r['rank']}. {r.neighbour_id} {describe(r, spec.shown, 'n_')}  "
+                f"{km}score {r.score:.3f}"
             )
 
 
