@@ -14,7 +14,16 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from lib import baselines, delta_io, evaluation, feature_spec, report, scorecard, similarity
+from lib import (
+    baselines,
+    delta_io,
+    evaluation,
+    feature_spec,
+    report,
+    scorecard,
+    similarity,
+    sufficiency,
+)
 from lib.parquet_io import read_parquet, write_json, write_parquet
 from lib.session import build_session
 from schemas import training_examples as te
@@ -36,6 +45,7 @@ class EvaluateArgs:
     run_id: str | None = None
     stage_seconds: dict[str, float] | None = None
     report: bool = True
+    min_pairs: int = sufficiency.MIN_PAIRS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvaluateArgs:
@@ -57,6 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateArgs:
         help="listings sampled beside the held-out queries for coverage",
     )
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--min-pairs",
+        type=int,
+        default=sufficiency.MIN_PAIRS,
+        help="fewer held-out pairs of the model: the evaluation is marked insufficient",
+    )
     p.add_argument("--run-id")
     p.add_argument("--stage-seconds", type=json.loads, help='{"stage": seconds} for the report')
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True)
@@ -124,6 +140,10 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
     queries.unpersist()
     _progress(f"metrics in {time.perf_counter() - mark:.1f}s")
     validation = {"blend": choice, **tuned}
+    # Metrics over a handful of pairs are coin tosses: say so wherever they are read.
+    verdict = sufficiency.assess(sufficiency.model_pairs(metrics), args.min_pairs)
+    if verdict["status"] == sufficiency.INSUFFICIENT:
+        _progress(f"WARNING evaluation insufficient: {verdict['reason']}")
     out.mkdir(parents=True, exist_ok=True)
     write_json(
         out / "metrics.json",
@@ -133,6 +153,7 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
             "previous_run_date": before,
             "metrics": metrics,
             "validation": validation,
+            "evaluation": verdict,
         },
     )
     page = report_error = None
@@ -155,6 +176,11 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
                 run_id=args.run_id,
                 stage_seconds=args.stage_seconds,
                 validation=validation,
+                notes=(
+                    [f"Evaluation insufficient: {verdict['reason']}"]
+                    if verdict["status"] == sufficiency.INSUFFICIENT
+                    else []
+                ),
             )
         except Exception as error:
             report_error = f"{type(error).__name__}: {error}"
@@ -163,6 +189,7 @@ def run(spark: SparkSession, args: EvaluateArgs) -> dict:
         "stage": "evaluate",
         "report": page or None,
         "report_error": report_error,
+        "evaluation": verdict,
         "headline": evaluation.headline(metrics),
         "metrics": {**evaluation.flatten(metrics), **scorecard.flatten_validation(validation)},
         "validation": scorecard.validation_summary(validation),

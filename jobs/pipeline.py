@@ -189,7 +189,8 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
                      "--embeddings", layout.table("listing_embeddings"),
                      "--neighbours", layout.table("listing_neighbours"), "--model", model_dir,
                      "--run-date", day, "--out", str(Path(layout.report(args.run_date)).parent),
-                     "--k", str(args.k), "--seed", str(args.seed), "--run-id", run_id],
+                     "--k", str(args.k), "--seed", str(args.seed), "--run-id", run_id,
+                     "--min-pairs", str(args.min_pairs)],
     }  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """A catalogue of ids only (a click log): the whole nightly job still runs and publishes."""
 
 import datetime as dt
+import json
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -55,6 +57,10 @@ def test_a_catalogue_without_features_runs_end_to_end(spark, tmp_path):
     assert result["status"] in ("succeeded", "insufficient")
     assert result["stages"]["evaluate"]["report_error"] is None
     assert os.path.exists(result["report"])
+    # metrics.json carries the same verdict as the runs row.
+    written = json.loads(Path(result["report"]).with_name("metrics.json").read_text())
+    expected = "insufficient" if result["status"] == "insufficient" else "sufficient"
+    assert written["evaluation"]["status"] == expected
     nbr = delta_io.read_table(spark, layout.table("listing_neighbours"), listing_neighbours.SPEC)
     active = pq.read_table(listings_file).to_pandas().query("is_active")["listing_id"]
     published = {r.listing_id for r in nbr.select("listing_id").distinct().collect()}
