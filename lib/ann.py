@@ -643,7 +643,8 @@ def _exact_for_sample(queries: Broadcast, k: int, device: str):
             vectors = unit_rows(vector_matrix(batch.column("vec")))
             parts = batch.column("part").to_numpy(zero_copy_only=False)
             rids = batch.column("rid").to_numpy(zero_copy_only=False)
-            ids = np.asarray(batch.column("listing_id").to_pylist(), dtype=object)
+            listing_ids = batch.column("listing_id")
+            ids = np.asarray(listing_ids.to_pylist(), dtype=object)
             for part in set(parts):
                 cand = np.flatnonzero(parts == part)
                 mine = np.flatnonzero(q_parts == part)
@@ -652,6 +653,7 @@ def _exact_for_sample(queries: Broadcast, k: int, device: str):
                 qi, ci, scores = neighbours.top_candidates(
                     q_vectors[mine], vectors[cand], k=k, thresholds=best[mine].min(axis=1),
                     query_rids=q_rids[mine], candidate_rids=rids[cand], device=resolved,
+                    candidate_order=neighbours.id_order(listing_ids, cand),
                 )  # fmt: skip
                 _keep_best(best, best_ids, mine[qi], ids[cand[ci]], scores)
         rows, cols = np.nonzero(np.isfinite(best))
@@ -680,7 +682,18 @@ def _keep_best(best, best_ids, queries, ids, scores) -> None:
     fresh_ids[queries, slot] = ids
     merged = np.concatenate([best, fresh], axis=1)
     merged_ids = np.concatenate([best_ids, fresh_ids], axis=1)
-    top = np.argsort(-merged, axis=1, kind="stable")[:, :k]
+    top = np.argsort(-merged, axis=1, kind="stable")
+    ranked = np.take_along_axis(merged, top, axis=1)
+    tied = np.flatnonzero((ranked[:, k - 1] == ranked[:, k]) & np.isfinite(ranked[:, k - 1]))
+    if len(tied):
+        # A tie at the k-th score: equal scores by neighbour id, as the merge ranks them.
+        scores, width = merged[tied], merged.shape[1]
+        names = np.where(np.isfinite(scores), merged_ids[tied], "").astype(str)
+        codes = np.unique(names, return_inverse=True)[1].reshape(names.shape)
+        rows = np.repeat(np.arange(len(tied)), width)
+        order = np.lexsort((codes.ravel(), -scores.ravel(), rows)).reshape(len(tied), width)
+        top[tied] = order - width * np.arange(len(tied))[:, None]
+    top = top[:, :k]
     best[:] = np.take_along_axis(merged, top, axis=1)
     best_ids[:] = np.take_along_axis(merged_ids, top, axis=1)
 

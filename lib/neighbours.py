@@ -267,6 +267,57 @@ def _score_blocks(queries, candidates, query_rids, candidate_rids, device):
         yield start, scores
 
 
+def _column_order(width: int) -> Callable[[], np.ndarray]:
+    """The default tie-break: candidates in the order they are given."""
+    return lambda: np.arange(width)
+
+
+def _break_boundary_ties(
+    rows: np.ndarray, kth: np.ndarray, k: int, keys: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` columns of each row of ``rows`` whose ``k``-th best score ``kth`` is tied
+    with a score it leaves out: every column scoring above ``kth``, then the columns scoring
+    exactly ``kth`` with the smallest ``keys``. Returns (columns, scores), both (rows, k), by
+    score descending and key ascending."""
+    above = rows > kth[:, None]
+    tied_rows, tied_cols = np.nonzero(rows == kth[:, None])
+    # Each row's equal columns by key; a row takes as many as it has room left for.
+    order = np.lexsort((keys[tied_cols], tied_rows))
+    tied_rows, tied_cols = tied_rows[order], tied_cols[order]
+    room = k - above.sum(axis=1)
+    taken = positions_in_runs(tied_rows) < room[tied_rows]
+    above_rows, above_cols = np.nonzero(above)
+    picked_rows = np.concatenate([above_rows, tied_rows[taken]])
+    picked_cols = np.concatenate([above_cols, tied_cols[taken]])
+    scores = rows[picked_rows, picked_cols]
+    order = np.lexsort((keys[picked_cols], -scores, picked_rows))
+    return picked_cols[order].reshape(len(rows), k), scores[order].reshape(len(rows), k)
+
+
+def _top_k_of_rows(
+    scores, k: int, order: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's best ``k`` columns of a score block (torch, ``k`` < its width): (columns,
+    scores) as numpy, both (rows, k), best first; equal scores at the boundary go to the
+    smallest ``order()`` keys, entries of -inf (missing) excepted.
+
+    ``torch.topk`` of ``k + 1`` finds them; only a row whose ``k``-th and ``k + 1``-th scores are
+    equal (where ``topk`` keeps an arbitrary one of the tied columns) is ranked again, so
+    ``order`` runs only when there is such a tie.
+    """
+    import torch
+
+    values, cols = torch.topk(scores, k + 1, dim=1)
+    values, cols = values.cpu().numpy(), cols.cpu().numpy()
+    kth = values[:, k - 1]
+    tied = np.flatnonzero((values[:, k] == kth) & np.isfinite(kth))
+    values, cols = values[:, :k], cols[:, :k]
+    if len(tied):
+        rows = scores[torch.from_numpy(tied).to(scores.device)].cpu().numpy()
+        cols[tied], values[tied] = _break_boundary_ties(rows, kth[tied], k, order())
+    return cols, values
+
+
 def top_candidates(
     queries: np.ndarray,
     candidates: np.ndarray,
@@ -276,10 +327,16 @@ def top_candidates(
     query_rids: np.ndarray,
     candidate_rids: np.ndarray,
     device: str = "cpu",
+    candidate_order: Callable[[], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each query, the candidates scoring at least its threshold (NaN or -inf: none), at most
     ``k`` (its best), never itself. Rows must be unit length. Returns (query index, candidate
     index, score).
+
+    Equal scores are ranked by ``candidate_order()``, each candidate's tie-break key (ascending;
+    default: the candidates' order), so a query with more than ``k`` candidates tied at its
+    ``k``-th score keeps the same ones whatever else a task holds. It is called only when such
+    a tie exists (the callers' keys rank listing ids, which costs a sort).
 
     Most (query, foreign list) pairs have few or no candidates above the query's threshold, so
     the threshold comparison runs on every score and a ranking only where a query has more than
@@ -291,9 +348,10 @@ def top_candidates(
     out_q, out_c, out_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []
     if len(queries) == 0 or len(candidates) == 0:
         return out_q[0], out_c[0], np.empty(0, np.float32)
+    width = len(candidates)
+    order = _memoised(candidate_order or _column_order(width))
     taus = np.nan_to_num(np.asarray(thresholds, np.float32), nan=_KEEP_ALL, neginf=_KEEP_ALL)
     taus = np.maximum(taus, _KEEP_ALL)
-    width = len(candidates)
     for start, scores in _score_blocks(queries, candidates, query_rids, candidate_rids, device):
         block = scores.cpu().numpy()
         hits = np.flatnonzero(block >= taus[start : start + len(block), None])
@@ -304,20 +362,26 @@ def top_candidates(
         full = (counts > k) & (counts * 8 > width)
         if full.any():
             full_rows = np.flatnonzero(full)
-            top_values, top_cols = torch.topk(torch.from_numpy(block[full_rows]), k, dim=1)
+            top_cols, top_values = _top_k_of_rows(torch.from_numpy(block[full_rows]), k, order)
             out_q.append(np.repeat(full_rows, k) + start)
-            out_c.append(top_cols.numpy().reshape(-1))
-            out_s.append(top_values.numpy().reshape(-1))
+            out_c.append(top_cols.reshape(-1))
+            out_s.append(top_values.reshape(-1))
             rest = ~full[rows]
             rows, cols, values = rows[rest], cols[rest], values[rest]
         crowded = counts[rows] > k
         if crowded.any():
-            # The best k of each query's (few) hits: by query, then score descending.
+            # The best k of each query's (few) hits: by query, then score descending, then key.
             many = np.flatnonzero(crowded)
-            order = many[np.lexsort((-values[many], rows[many]))]
-            keep = np.concatenate(
-                [np.flatnonzero(~crowded), order[positions_in_runs(rows[order]) < k]]
-            )
+            ranked = many[np.lexsort((-values[many], rows[many]))]
+            position = positions_in_runs(rows[ranked])
+            # A tie at the boundary: a query's k-th and (k+1)-th hits score the same.
+            last, after = ranked[:-1], ranked[1:]
+            boundary = (position[:-1] == k - 1) & (values[last] == values[after])
+            if boundary.any():
+                keys = order()[cols[many]]
+                ranked = many[np.lexsort((keys, -values[many], rows[many]))]
+                position = positions_in_runs(rows[ranked])
+            keep = np.concatenate([np.flatnonzero(~crowded), ranked[position < k]])
             rows, cols, values = rows[keep], cols[keep], values[keep]
         out_q.append(rows + start)
         out_c.append(cols)
@@ -337,9 +401,11 @@ def best_k(
     query_rids: np.ndarray,
     candidate_rids: np.ndarray,
     device: str = "cpu",
+    candidate_order: Callable[[], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's best ``k`` candidates (itself excluded), best first: (indices, scores), both
-    (queries, min(k, candidates)); missing entries have score -inf."""
+    (queries, min(k, candidates)); missing entries have score -inf. Equal scores at the
+    boundary go to the smallest ``candidate_order()`` keys, as in ``top_candidates``."""
     import torch
 
     width = min(k, len(candidates))
@@ -347,11 +413,27 @@ def best_k(
     best = np.full((len(queries), width), -np.inf, np.float32)
     if width == 0 or len(queries) == 0:
         return index, best
+    order = _memoised(candidate_order or _column_order(len(candidates)))
     for start, scores in _score_blocks(queries, candidates, query_rids, candidate_rids, device):
-        values, cols = torch.topk(scores, width, dim=1)
-        index[start : start + len(scores)] = cols.cpu().numpy()
-        best[start : start + len(scores)] = values.cpu().numpy()
+        if width < len(candidates):
+            cols, values = _top_k_of_rows(scores, width, order)
+        else:  # every candidate is kept: nothing is left out, so no tie to break
+            values, cols = (t.cpu().numpy() for t in torch.topk(scores, width, dim=1))
+        index[start : start + len(scores)] = cols
+        best[start : start + len(scores)] = values
     return index, best
+
+
+def _memoised(make: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    """``make`` run at most once, on the first call."""
+    held: list[np.ndarray] = []
+
+    def get() -> np.ndarray:
+        if not held:
+            held.append(np.asarray(make(), np.int64))
+        return held[0]
+
+    return get
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,7 +442,9 @@ def best_k(
 
 
 def _task_groups(table: pa.Table) -> list[np.ndarray]:
-    """Row indices of each task (rows sharing part, list, qchunk and cslice).
+    """Row indices of each task (rows sharing part, list, qchunk and cslice), each task's rows
+    by ``rid``: a task's matrices are then the same however its rows reached the partition, and
+    so are its scores, to the last bit.
 
     Integer keys sorted with numpy: the part strings become dictionary codes, so no per-row
     Python objects are made (a pandas group-by on the four columns cost ~15 % of a search task).
@@ -369,10 +453,22 @@ def _task_groups(table: pa.Table) -> list[np.ndarray]:
     keys = [part.indices.to_numpy(zero_copy_only=False)] + [
         table.column(name).to_numpy(zero_copy_only=False) for name in TASK_COLUMNS[1:4]
     ]
-    order = np.lexsort(keys[::-1])
+    order = np.lexsort([table.column("rid").to_numpy(zero_copy_only=False), *keys[::-1]])
     ordered = np.stack([key[order] for key in keys])
     bounds = np.flatnonzero(np.any(ordered[:, 1:] != ordered[:, :-1], axis=0)) + 1
     return np.split(order, bounds)
+
+
+def id_order(ids: pa.Array, rows: np.ndarray) -> Callable[[], np.ndarray]:
+    """``candidate_order`` for ``top_candidates``/``best_k``: the rank of each of ``rows``' listing
+    id, so equal scores are broken by neighbour_id as the merges break them. Ranking strings
+    costs a sort, so it runs only when called (when a tie needs it)."""
+
+    def ranks() -> np.ndarray:
+        picked = ids.take(pa.array(rows))
+        return pc.rank(picked, sort_keys="ascending", tiebreaker="dense").to_numpy()
+
+    return ranks
 
 
 def _prepare_worker(device: str) -> str:
@@ -438,6 +534,7 @@ def _search_tasks(
             return
         table, vectors, rids, tasks, passed = loaded
         taus = table.column("tau").to_numpy(zero_copy_only=False).astype(np.float32)
+        ids = table.column("listing_id").combine_chunks()
         picked_q, picked_c, picked_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []
         for queries, candidates in tasks:
             qi, ci, scores = top_candidates(
@@ -448,6 +545,7 @@ def _search_tasks(
                 query_rids=rids[queries],
                 candidate_rids=rids[candidates],
                 device=resolved,
+                candidate_order=id_order(ids, candidates),
             )
             picked_q.append(queries[qi])
             picked_c.append(candidates[ci])
@@ -460,7 +558,6 @@ def _search_tasks(
             scores = np.concatenate(picked_s)[order]
             starts = np.flatnonzero(np.concatenate([[True], q[1:] != q[:-1]]))
             offsets = pa.array(np.append(starts, len(q)).astype(np.int32))
-            ids = table.column("listing_id").combine_chunks()
             passed.append(pa.Table.from_arrays(
                 [pa.array(rids[q[starts]]), ids.take(q[starts]),
                  pa.ListArray.from_arrays(offsets, ids.take(c)),
@@ -520,6 +617,7 @@ def _home_tasks(
                 query_rids=rids[queries],
                 candidate_rids=rids[candidates],
                 device=resolved,
+                candidate_order=id_order(ids, candidates),
             )
             if best.shape[1] < k:  # fewer candidates than k: pad with -inf so tasks stack
                 pad = k - best.shape[1]

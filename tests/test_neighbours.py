@@ -80,18 +80,29 @@ def test_to_neighbours_table_matches_contract(spark):
     ]  # fmt: skip
 
 
-def test_task_groups_split_rows_by_part_list_chunk_and_slice():
+def test_task_groups_split_rows_by_part_list_chunk_and_slice_each_by_rid():
     import pyarrow as pa
 
-    keys = [("", 1, 0, 0), ("m2", 1, 0, 0), ("", 1, 0, 0), ("", 1, 1, 0), ("", 2, 0, 0),
-            ("", 1, 0, 1), ("m2", 1, 0, 0), ("", 2, 0, 0)]  # fmt: skip
+    keys = [
+        ("", 1, 0, 0),
+        ("m2", 1, 0, 0),
+        ("", 1, 0, 0),
+        ("", 1, 1, 0),
+        ("", 2, 0, 0),
+        ("", 1, 0, 1),
+        ("m2", 1, 0, 0),
+        ("", 2, 0, 0),
+    ]
+    rids = [5, 7, 2, 1, 3, 4, 6, 9]
     table = pa.table(
         {name: [key[i] for key in keys] for i, name in enumerate(neighbours.TASK_COLUMNS[:4])}
+        | {"rid": rids}
     )
 
     groups = neighbours._task_groups(table)
 
-    assert sorted(sorted(g.tolist()) for g in groups) == [[0, 2], [1, 6], [3], [4, 7], [5]]
+    # Within a task, rows come by rid whatever order they arrived in: the same matrices.
+    assert sorted(g.tolist() for g in groups) == [[2, 0], [3], [4, 7], [5], [6, 1]]
 
 
 def test_partitions_come_in_whole_waves_of_the_cores():

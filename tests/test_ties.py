@@ -1,5 +1,6 @@
 """Listings with identical vectors: well-defined, deterministic neighbour lists, and recall that
-counts a tie as a hit (``lib.ann``; the module is only exercised here, not changed)."""
+counts a tie as a hit: ties are broken by neighbour_id in every per-block top k
+(``neighbours.top_candidates``/``best_k``), in every merge and in the exact reference."""
 
 import numpy as np
 import pytest
@@ -57,14 +58,83 @@ def test_identical_vectors_get_the_same_lists_every_run_and_full_recall(spark, m
     assert recall == {"recall_at_k": 1.0, "recall_queries": 60}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ties are broken by neighbour_id only in the final merge (neighbours.merge_top_k); "
-    "each score block's own top k (torch.topk, lexsort by score only) keeps whichever tied "
-    "candidates come first, so which twins survive depends on the catalogue's partitioning",
-)
 @pytest.mark.parametrize("method", ann.METHODS)
 def test_tie_order_does_not_depend_on_the_input_partitioning(spark, method):
     # Well-defined, not just repeatable: the same catalogue spread differently over the
     # partitions still ranks tied neighbours the same way.
     assert run(spark, method)[0] == run(spark, method, partitions=5)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-block top k without Spark: ties at the k-th score go to the smallest keys
+# ---------------------------------------------------------------------------------------------
+
+
+def tied_candidates(rng, *, tied: int, others: int, dim: int = 8):
+    """A query, ``tied`` copies of it (cosine 1) and ``others`` random unit vectors (cosine well
+    below 1), shuffled; with each candidate's key (a listing id's rank: copy i has key i)."""
+    query = neighbours.unit_rows(rng.normal(size=(1, dim)))
+    noise = neighbours.unit_rows(rng.normal(size=(others, dim)))
+    noise = neighbours.unit_rows(noise - 1.5 * query)  # far from the query
+    candidates = np.concatenate([np.repeat(query, tied, axis=0), noise])
+    keys = np.arange(len(candidates))
+    shuffle = rng.permutation(len(candidates))
+    return query, candidates[shuffle], keys[shuffle]
+
+
+@pytest.mark.parametrize(
+    ("others", "threshold"),
+    [(4, -np.inf), (200, 0.99)],  # most candidates reach the threshold | few of many do
+    ids=["ranked-in-full", "ranked-among-hits"],
+)
+@pytest.mark.parametrize("seed", range(4))
+def test_top_candidates_keeps_the_tied_candidates_with_the_smallest_keys(seed, others, threshold):
+    rng = np.random.default_rng(seed)
+    query, candidates, keys = tied_candidates(rng, tied=9, others=others)
+
+    qi, ci, scores = neighbours.top_candidates(
+        query, candidates, k=K, thresholds=np.array([threshold], np.float32),
+        query_rids=np.array([-1]), candidate_rids=np.arange(len(candidates)),
+        candidate_order=lambda: keys,
+    )  # fmt: skip
+
+    assert qi.tolist() == [0] * K
+    assert sorted(keys[ci].tolist()) == list(range(K))
+    np.testing.assert_allclose(scores, 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_best_k_keeps_the_tied_candidates_with_the_smallest_keys_best_first(seed):
+    rng = np.random.default_rng(seed)
+    query, candidates, keys = tied_candidates(rng, tied=7, others=20)
+    # Two more queries: one with a clear best (no tie to break), one that is the first copy.
+    near = neighbours.unit_rows(candidates[[np.argmax(keys == 20)]] + 1e-3)
+    queries = np.concatenate([query, near, query])
+    rids = np.arange(len(candidates))
+    query_rids = np.array([-1, -2, rids[keys == 0][0]])
+
+    index, best = neighbours.best_k(
+        queries, candidates, k=K, query_rids=query_rids, candidate_rids=rids,
+        candidate_order=lambda: keys,
+    )  # fmt: skip
+
+    assert keys[index[0]].tolist() == list(range(K))
+    assert keys[index[2]].tolist() == list(range(1, K + 1))  # never itself
+    assert keys[index[1, 0]] == 20
+    assert np.all(np.diff(best, axis=1) <= 0)
+
+
+def test_without_keys_ties_go_to_the_first_candidates():
+    query = np.array([[1.0, 0.0]], np.float32)
+    candidates = np.array([[0.0, 1.0]] + [[1.0, 0.0]] * 8, np.float32)
+
+    _, ci, _ = neighbours.top_candidates(
+        query, candidates, k=3, thresholds=np.array([-np.inf], np.float32),
+        query_rids=np.array([-1]), candidate_rids=np.arange(9),
+    )  # fmt: skip
+    index, _ = neighbours.best_k(
+        query, candidates, k=3, query_rids=np.array([-1]), candidate_rids=np.arange(9)
+    )
+
+    assert sorted(ci.tolist()) == [1, 2, 3]
+    assert sorted(index[0].tolist()) == [1, 2, 3]
