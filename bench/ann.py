@@ -126,12 +126,24 @@ def run_ivf(spark, path, n, ids, truth, queries, args, nprobe, dataset) -> dict:
     top_k.unpersist()
     result.release()
     embeddings.unpersist()
-    return emit({"method": "ivf_spark", "dataset": dataset, "n": n, "k": args.k,
-                 "nprobe": result.info["nprobe"], "nlist": result.info["nlist"],
-                 "device": args.device,
-                 "seconds": round(seconds, 2), "recall_at_k": round(recall, 4), "rows": rows,
-                 "how": "measured", "load_before": load_before, "load_after": load(),
-                 "plan": {k: v for k, v in result.info.items() if k.startswith("plan_")}})  # fmt: skip
+    return emit(
+        {
+            "method": "ivf_spark",
+            "dataset": dataset,
+            "n": n,
+            "k": args.k,
+            "nprobe": result.info["nprobe"],
+            "nlist": result.info["nlist"],
+            "device": args.device,
+            "seconds": round(seconds, 2),
+            "recall_at_k": round(recall, 4),
+            "rows": rows,
+            "how": "measured",
+            "load_before": load_before,
+            "load_after": load(),
+            "plan": {k: v for k, v in result.info.items() if k.startswith("plan_")},
+        }
+    )
 
 
 def run_exact(spark, path, n, ids, vectors, args, dataset) -> dict:
@@ -158,11 +170,23 @@ def run_exact(spark, path, n, ids, vectors, args, dataset) -> dict:
     top_k.unpersist()
     embeddings.unpersist()
     scale = (n / subset_n) ** 2
-    return emit({"method": "exact_spark", "dataset": dataset, "n": n, "k": args.k,
-                 "measured_n": subset_n, "measured_seconds": round(measured, 2),
-                 "seconds": round(measured * scale, 1), "recall_at_k": round(recall, 4),
-                 "how": "measured" if scale == 1 else f"extrapolated (n/{subset_n})^2 from a measured subset",
-                 "load_before": load_before, "load_after": load()})  # fmt: skip
+    return emit(
+        {
+            "method": "exact_spark",
+            "dataset": dataset,
+            "n": n,
+            "k": args.k,
+            "measured_n": subset_n,
+            "measured_seconds": round(measured, 2),
+            "seconds": round(measured * scale, 1),
+            "recall_at_k": round(recall, 4),
+            "how": "measured"
+            if scale == 1
+            else f"extrapolated (n/{subset_n})^2 from a measured subset",
+            "load_before": load_before,
+            "load_after": load(),
+        }
+    )
 
 
 def require_faiss() -> None:
@@ -201,10 +225,22 @@ def run_faiss(vectors, ids, truth, queries, args, nprobe, dataset) -> dict:
         keep = [s for s, j in zip(scores[q], found_ids[q], strict=True) if j not in (q, -1)]
         found[ids[q]] = keep[: args.k]
     recall = recall_of(found, truth, ids, queries)
-    return emit({"method": "faiss_ivf", "dataset": dataset, "n": n, "k": args.k,
-                 "nprobe": nprobe, "nlist": nlist, "threads": faiss.omp_get_max_threads(),
-                 "seconds": round(seconds, 2), "recall_at_k": round(recall, 4),
-                 "how": "measured", "load_before": load_before, "load_after": load()})  # fmt: skip
+    return emit(
+        {
+            "method": "faiss_ivf",
+            "dataset": dataset,
+            "n": n,
+            "k": args.k,
+            "nprobe": nprobe,
+            "nlist": nlist,
+            "threads": faiss.omp_get_max_threads(),
+            "seconds": round(seconds, 2),
+            "recall_at_k": round(recall, 4),
+            "how": "measured",
+            "load_before": load_before,
+            "load_after": load(),
+        }
+    )
 
 
 def run_lsh(spark, n, ids, vectors, args, dataset) -> dict:
@@ -227,9 +263,12 @@ def run_lsh(spark, n, ids, vectors, args, dataset) -> dict:
     load_before = load()
     started = time.perf_counter()
     model = BucketedRandomProjectionLSH(
-        inputCol="features", outputCol="hashes", bucketLength=args.lsh_bucket,
-        numHashTables=args.lsh_tables, seed=7,
-    ).fit(df)  # fmt: skip
+        inputCol="features",
+        outputCol="hashes",
+        bucketLength=args.lsh_bucket,
+        numHashTables=args.lsh_tables,
+        seed=7,
+    ).fit(df)
     joined = model.approxSimilarityJoin(df, df, threshold, distCol="distance").select(
         F.col("datasetA.listing_id").alias("listing_id"),
         F.col("datasetB.listing_id").alias("neighbour_id"),
@@ -249,13 +288,26 @@ def run_lsh(spark, n, ids, vectors, args, dataset) -> dict:
     top_k.unpersist()
     df.unpersist()
     scale = (n / subset_n) ** 2
-    return emit({"method": "lsh_spark", "dataset": dataset, "n": n, "k": args.k,
-                 "measured_n": subset_n, "measured_seconds": round(measured, 2),
-                 "seconds": round(measured * scale, 1), "recall_at_k": round(recall, 4),
-                 "bucket_length": args.lsh_bucket, "hash_tables": args.lsh_tables,
-                 "distance_threshold": round(threshold, 4),
-                 "how": "measured" if scale == 1 else f"extrapolated (n/{subset_n})^2 from a measured subset",
-                 "load_before": load_before, "load_after": load()})  # fmt: skip
+    return emit(
+        {
+            "method": "lsh_spark",
+            "dataset": dataset,
+            "n": n,
+            "k": args.k,
+            "measured_n": subset_n,
+            "measured_seconds": round(measured, 2),
+            "seconds": round(measured * scale, 1),
+            "recall_at_k": round(recall, 4),
+            "bucket_length": args.lsh_bucket,
+            "hash_tables": args.lsh_tables,
+            "distance_threshold": round(threshold, 4),
+            "how": "measured"
+            if scale == 1
+            else f"extrapolated (n/{subset_n})^2 from a measured subset",
+            "load_before": load_before,
+            "load_after": load(),
+        }
+    )
 
 
 def demo_embeddings(spark, table: str, data: Path) -> tuple[Path, np.ndarray, list[str]]:
@@ -298,16 +350,26 @@ def summary(lines: list[dict], args, dataset: str) -> dict:
         return line[key] if line else None
 
     out = {
-        "summary": True, "dataset": dataset, "n": pick(ivf, "n") or args.n, "k": args.k,
-        "ivf_nprobe": pick(ivf, "nprobe"), "ivf_nlist": pick(ivf, "nlist"),
-        "ivf_recall": pick(ivf, "recall_at_k"), "ivf_seconds": pick(ivf, "seconds"),
+        "summary": True,
+        "dataset": dataset,
+        "n": pick(ivf, "n") or args.n,
+        "k": args.k,
+        "ivf_nprobe": pick(ivf, "nprobe"),
+        "ivf_nlist": pick(ivf, "nlist"),
+        "ivf_recall": pick(ivf, "recall_at_k"),
+        "ivf_seconds": pick(ivf, "seconds"),
         "ivf_how": pick(ivf, "how"),
-        "exact_seconds": pick(exact, "seconds"), "exact_how": pick(exact, "how"),
-        "faiss_ivf_nprobe": pick(faiss, "nprobe"), "faiss_ivf_recall": pick(faiss, "recall_at_k"),
-        "faiss_ivf_seconds": pick(faiss, "seconds"), "faiss_ivf_how": pick(faiss, "how"),
-        "lsh_recall": pick(lsh, "recall_at_k"), "lsh_seconds": pick(lsh, "seconds"),
-        "lsh_how": pick(lsh, "how"), "device": args.device,
-    }  # fmt: skip
+        "exact_seconds": pick(exact, "seconds"),
+        "exact_how": pick(exact, "how"),
+        "faiss_ivf_nprobe": pick(faiss, "nprobe"),
+        "faiss_ivf_recall": pick(faiss, "recall_at_k"),
+        "faiss_ivf_seconds": pick(faiss, "seconds"),
+        "faiss_ivf_how": pick(faiss, "how"),
+        "lsh_recall": pick(lsh, "recall_at_k"),
+        "lsh_seconds": pick(lsh, "seconds"),
+        "lsh_how": pick(lsh, "how"),
+        "device": args.device,
+    }
     if ivf and exact:
         out["speedup_vs_exact"] = round(exact["seconds"] / ivf["seconds"], 1)
     if ivf and faiss:
@@ -364,8 +426,9 @@ def main(argv=None) -> None:
     data = Path(args.data)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = build_session("bench-ann", "local[2]", ui=False)
-    emit({"start": True, "load": list(os.getloadavg()), "cpus": os.cpu_count(),
-          "argv": sys.argv[1:]})  # fmt: skip
+    emit(
+        {"start": True, "load": list(os.getloadavg()), "cpus": os.cpu_count(), "argv": sys.argv[1:]}
+    )
     path, vectors, ids = ensure_data(data, args.n, args.dim, args.seed)
     lines = run_dataset(spark, "clustered", path, vectors, ids, args)
     summaries = [summary(lines, args, "clustered")]

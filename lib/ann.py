@@ -312,11 +312,14 @@ def _count_probes(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]
     if totals:
         (parts, lists_), values = zip(*totals.keys(), strict=True), list(totals.values())
         yield pa.RecordBatch.from_arrays(
-            [pa.array(parts, pa.string()), pa.array(lists_, pa.int32()),
-             pa.array([v[0] for v in values], pa.int64()),
-             pa.array([v[1] for v in values], pa.int64())],
+            [
+                pa.array(parts, pa.string()),
+                pa.array(lists_, pa.int32()),
+                pa.array([v[0] for v in values], pa.int64()),
+                pa.array([v[1] for v in values], pa.int64()),
+            ],
             names=["part", "list", "members", "probing"],
-        )  # fmt: skip
+        )
 
 
 def _list_counts(assigned: DataFrame) -> list[tuple[str, int, int, int]]:
@@ -397,9 +400,12 @@ def search(
     if method == "exact":
         blocks = num_blocks or neighbours.default_num_blocks(num_listings)
         top_k = neighbours.exact_top_k(
-            embeddings, k=params.k, num_blocks=blocks, partition_col=partition_col,
+            embeddings,
+            k=params.k,
+            num_blocks=blocks,
+            partition_col=partition_col,
             device=params.device,
-        )  # fmt: skip
+        )
         return SearchResult(top_k, "exact", {"num_blocks": blocks})
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -431,8 +437,9 @@ def ivf_top_k(
     sc = spark.sparkContext
     nlist = params.nlist or default_nlist(num_listings)
     sample_size = params.sample_size or default_sample_size(nlist)
-    sample = collect_sample(embeddings, size=sample_size, num_listings=num_listings,
-                            seed=params.seed)  # fmt: skip
+    sample = collect_sample(
+        embeddings, size=sample_size, num_listings=num_listings, seed=params.seed
+    )
     centroids = train_centroids(sample, nlist, iterations=params.iterations, seed=params.seed)
     nlist = len(centroids)
     nprobe = max(1, min(params.nprobe, nlist))
@@ -450,8 +457,12 @@ def ivf_top_k(
     plan_bc = sc.broadcast(plan_arrays(plans))
     top_k = _search(assigned, plans, plan_bc, params=params, parallelism=sc.defaultParallelism)
     cached = [assigned, centroids_bc, plan_bc] + ([allowed] if allowed is not None else [])
-    info = {"nlist": nlist, "nprobe": nprobe, "kmeans_sample": len(sample),
-            **{f"plan_{k}": v for k, v in plan_summary(plans).items()}}  # fmt: skip
+    info = {
+        "nlist": nlist,
+        "nprobe": nprobe,
+        "kmeans_sample": len(sample),
+        **{f"plan_{k}": v for k, v in plan_summary(plans).items()},
+    }
     return SearchResult(top_k, "ivf", info, cached)
 
 
@@ -464,9 +475,12 @@ def plan_arrays(plans: Sequence[ListPlan]) -> dict[str, dict[str, np.ndarray]]:
     for p in plans:
         arrays = out.setdefault(
             p.part,
-            {"slices": np.ones(size, np.int64), "chunks": np.ones(size, np.int64),
-             "searching": np.zeros(size, np.int64)},
-        )  # fmt: skip
+            {
+                "slices": np.ones(size, np.int64),
+                "chunks": np.ones(size, np.int64),
+                "searching": np.zeros(size, np.int64),
+            },
+        )
         arrays["slices"][p.list] = p.slices
         arrays["chunks"][p.list] = p.search_chunks
         arrays["searching"][p.list] = p.search_queries
@@ -527,25 +541,36 @@ class _Router:
         c_slice = (rid[c_owner] >> 32) % slices[own[c_owner]]
 
         who = np.concatenate([q_owner, c_owner])
-        keys = np.stack([np.concatenate([q_list, own[c_owner]]),
-                         np.concatenate([q_chunk, c_chunk]),
-                         np.concatenate([q_slice, c_slice])])  # fmt: skip
+        keys = np.stack(
+            [
+                np.concatenate([q_list, own[c_owner]]),
+                np.concatenate([q_chunk, c_chunk]),
+                np.concatenate([q_slice, c_slice]),
+            ]
+        )
         if len(who) == 0:
             return
         order = np.lexsort(keys[::-1])
         who, keys = who[order], keys[:, order]
-        role = np.concatenate([np.full(len(q_owner), QUERY, np.int8),
-                               np.full(len(c_owner), CANDIDATE, np.int8)])[order]  # fmt: skip
+        role = np.concatenate(
+            [np.full(len(q_owner), QUERY, np.int8), np.full(len(c_owner), CANDIDATE, np.int8)]
+        )[order]
         picked = pa.array(who)
         routed = pa.table(
-            [pa.array(np.full(len(who), part, object), pa.string()),
-             pa.array(keys[0], pa.int32()), pa.array(keys[1], pa.int32()),
-             pa.array(keys[2], pa.int32()), pa.array(role, pa.int8()),
-             pa.array(rid[who]), home.column("listing_id").take(picked),
-             home.column("vec").take(picked), home.column("tau").take(picked),
-             neighbours.empty_binary(len(who))],
+            [
+                pa.array(np.full(len(who), part, object), pa.string()),
+                pa.array(keys[0], pa.int32()),
+                pa.array(keys[1], pa.int32()),
+                pa.array(keys[2], pa.int32()),
+                pa.array(role, pa.int8()),
+                pa.array(rid[who]),
+                home.column("listing_id").take(picked),
+                home.column("vec").take(picked),
+                home.column("tau").take(picked),
+                neighbours.empty_binary(len(who)),
+            ],
             schema=neighbours.TASK_ARROW_SCHEMA,
-        ).combine_chunks()  # fmt: skip
+        ).combine_chunks()
         # One chunk: a slice then packs as one record batch, not one per input batch it spans.
         bounds = np.flatnonzero(np.any(keys[:, 1:] != keys[:, :-1], axis=0)) + 1
         starts = np.concatenate([[0], bounds])
@@ -571,13 +596,15 @@ def _search(
     plan_df = F.broadcast(
         spark.createDataFrame(
             pa.table(
-                {"part": pa.array([p.part for p in plans], pa.string()),
-                 "list": pa.array([p.list for p in plans], pa.int32()),
-                 "slices": pa.array([p.slices for p in plans], pa.int32()),
-                 "h_chunks": pa.array([p.home_chunks for p in plans], pa.int32())}
+                {
+                    "part": pa.array([p.part for p in plans], pa.string()),
+                    "list": pa.array([p.list for p in plans], pa.int32()),
+                    "slices": pa.array([p.slices for p in plans], pa.int32()),
+                    "h_chunks": pa.array([p.home_chunks for p in plans], pa.int32()),
+                }
             )
         )
-    )  # fmt: skip
+    )
     k, device = params.k, params.device
     # The high bits pick a listing's candidate slice, so slices do not follow query chunks
     # (rid modulo the chunks); ``_Router`` computes the same.
@@ -588,32 +615,54 @@ def _search(
     # Home pass: every listing against slice 0 of its own list -> its best k there and tau.
     whole = (F.col("h_chunks") == 1) & (F.col("slices") == 1)
     home_rows = (
-        task_rows(members.where(whole), role=BOTH, list_=F.col("list"), qchunk=F.lit(0),
-                  cslice=F.lit(0))
-        .unionByName(task_rows(members.where(~whole), role=QUERY, list_=F.col("list"),
-                               qchunk=F.pmod("rid", F.col("h_chunks")), cslice=F.lit(0)))
-        .unionByName(task_rows(
-            members.where(~whole & (F.col("slice") == 0))
-            .withColumn("c", F.explode(F.sequence(F.lit(0), F.col("h_chunks") - 1))),
-            role=CANDIDATE, list_=F.col("list"), qchunk=F.col("c"), cslice=F.lit(0)))
-    )  # fmt: skip
+        task_rows(
+            members.where(whole), role=BOTH, list_=F.col("list"), qchunk=F.lit(0), cslice=F.lit(0)
+        )
+        .unionByName(
+            task_rows(
+                members.where(~whole),
+                role=QUERY,
+                list_=F.col("list"),
+                qchunk=F.pmod("rid", F.col("h_chunks")),
+                cslice=F.lit(0),
+            )
+        )
+        .unionByName(
+            task_rows(
+                members.where(~whole & (F.col("slice") == 0)).withColumn(
+                    "c", F.explode(F.sequence(F.lit(0), F.col("h_chunks") - 1))
+                ),
+                role=CANDIDATE,
+                list_=F.col("list"),
+                qchunk=F.col("c"),
+                cslice=F.lit(0),
+            )
+        )
+    )
     total = sum(p.members for p in plans)
     # ... whose results become the search pass's task rows (``_Router``): every listing against
     # the other lists it probes (and the rest of its own list when that is sliced); only
     # candidates reaching its tau leave a task.
     routed = neighbours.home_tasks(
-        home_rows, k=k, num_partitions=partitions_for(total, parallelism), route=_Router(plan),
+        home_rows,
+        k=k,
+        num_partitions=partitions_for(total, parallelism),
+        route=_Router(plan),
         device=device,
-    )  # fmt: skip
-    search_rows = sum(p.search_queries * p.slices + p.members * p.search_chunks
-                      for p in plans if p.search_queries)  # fmt: skip
+    )
+    search_rows = sum(
+        p.search_queries * p.slices + p.members * p.search_chunks for p in plans if p.search_queries
+    )
     # The merge holds whole partitions of list elements: k per listing from its home list and
     # typically a few k more from the lists it probes.
     merge_partitions = partitions_for(total * k, parallelism)
     found = neighbours.search_tasks(
-        routed, k=k, num_partitions=partitions_for(search_rows, parallelism),
-        merge_partitions=merge_partitions, device=device,
-    )  # fmt: skip
+        routed,
+        k=k,
+        num_partitions=partitions_for(search_rows, parallelism),
+        merge_partitions=merge_partitions,
+        device=device,
+    )
     return neighbours.merge_lists(found, k=k, num_partitions=merge_partitions)
 
 
@@ -651,19 +700,26 @@ def _exact_for_sample(queries: Broadcast, k: int, device: str):
                 if len(mine) == 0:
                     continue
                 qi, ci, scores = neighbours.top_candidates(
-                    q_vectors[mine], vectors[cand], k=k, thresholds=best[mine].min(axis=1),
-                    query_rids=q_rids[mine], candidate_rids=rids[cand], device=resolved,
+                    q_vectors[mine],
+                    vectors[cand],
+                    k=k,
+                    thresholds=best[mine].min(axis=1),
+                    query_rids=q_rids[mine],
+                    candidate_rids=rids[cand],
+                    device=resolved,
                     candidate_order=neighbours.id_order(listing_ids, cand),
-                )  # fmt: skip
+                )
                 _keep_best(best, best_ids, mine[qi], ids[cand[ci]], scores)
         rows, cols = np.nonzero(np.isfinite(best))
         if len(rows):
             yield pa.RecordBatch.from_arrays(
-                [pa.array(q_ids[rows].tolist(), pa.string()),
-                 pa.array(best_ids[rows, cols].tolist(), pa.string()),
-                 pa.array(best[rows, cols], pa.float32())],
+                [
+                    pa.array(q_ids[rows].tolist(), pa.string()),
+                    pa.array(best_ids[rows, cols].tolist(), pa.string()),
+                    pa.array(best[rows, cols], pa.float32()),
+                ],
                 names=["listing_id", "neighbour_id", "score"],
-            )  # fmt: skip
+            )
 
     return run
 
@@ -783,9 +839,13 @@ def quality(
     """``coverage`` and ``measure_recall`` of one search result (runs Spark jobs)."""
     found = coverage(top_k, k=k, num_listings=num_listings)
     return found | measure_recall(
-        embeddings, top_k, k=k, sample_size=recall_sample, partition_col=partition_col,
+        embeddings,
+        top_k,
+        k=k,
+        sample_size=recall_sample,
+        partition_col=partition_col,
         device=device,
-    )  # fmt: skip
+    )
 
 
 def coverage(top_k: DataFrame, *, k: int, num_listings: int) -> dict:
@@ -794,13 +854,17 @@ def coverage(top_k: DataFrame, *, k: int, num_listings: int) -> dict:
     # One row per neighbour; a listing's first one (pos 0) stands for the listing.
     first = F.col("pos") == 0
     row = (
-        top_k.select(F.size("neighbour_ids").alias("found"),
-                     F.posexplode("neighbour_ids").alias("pos", "neighbour_id"))
-        .agg(F.sum(F.when(first & (F.col("found") >= k), 1).otherwise(0)).alias("full"),
-             F.sum(F.when(first, 1).otherwise(0)).alias("with_any"),
-             F.countDistinct("neighbour_id").alias("distinct_neighbours"))
+        top_k.select(
+            F.size("neighbour_ids").alias("found"),
+            F.posexplode("neighbour_ids").alias("pos", "neighbour_id"),
+        )
+        .agg(
+            F.sum(F.when(first & (F.col("found") >= k), 1).otherwise(0)).alias("full"),
+            F.sum(F.when(first, 1).otherwise(0)).alias("with_any"),
+            F.countDistinct("neighbour_id").alias("distinct_neighbours"),
+        )
         .first()
-    )  # fmt: skip
+    )
     n = max(1, num_listings)
     return {
         "coverage": (row.full or 0) / n,

@@ -299,8 +299,9 @@ def apply_retention(
     removed = ordered[:-keep_last] if keep_last else []
     if removed:
         cutoff = ordered[-keep_last]
-        metadata = _metadata_json({"operation": "retention", "keep_last": keep_last,
-                                   "removed": removed})  # fmt: skip
+        metadata = _metadata_json(
+            {"operation": "retention", "keep_last": keep_last, "removed": removed}
+        )
         if native:
             condition = f"`{column}` < {_sql_literal(cutoff, data_type)}"
             spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", metadata)
@@ -329,8 +330,12 @@ def apply_retention(
                 )
             )
         stale = _clean_staging(uri, vacuum_hours)
-    return {"removed": removed, "vacuumed": vacuumed, "stale_staging_files": stale,
-            "version": latest_version(uri)}  # fmt: skip
+    return {
+        "removed": removed,
+        "vacuumed": vacuumed,
+        "stale_staging_files": stale,
+        "version": latest_version(uri),
+    }
 
 
 def _clean_staging(uri: str, older_than_hours: float) -> int:

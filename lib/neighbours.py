@@ -64,19 +64,31 @@ TASK_SCHEMA = (
 )
 # The Arrow types of those columns (payload aside), as packed rows must have them.
 TASK_ARROW_SCHEMA = pa.schema(
-    [("part", pa.string()), ("list", pa.int32()), ("qchunk", pa.int32()),
-     ("cslice", pa.int32()), ("role", pa.int8()), ("rid", pa.int64()),
-     ("listing_id", pa.string()), ("vec", pa.binary()), ("tau", pa.float32()),
-     ("probe_bytes", pa.binary())]
-)  # fmt: skip
+    [
+        ("part", pa.string()),
+        ("list", pa.int32()),
+        ("qchunk", pa.int32()),
+        ("cslice", pa.int32()),
+        ("role", pa.int8()),
+        ("rid", pa.int64()),
+        ("listing_id", pa.string()),
+        ("vec", pa.binary()),
+        ("tau", pa.float32()),
+        ("probe_bytes", pa.binary()),
+    ]
+)
 EMITTED_SCHEMA = "listing_id string, neighbour_id string, score float"
 # Per listing (rid: its row id), some candidates: what the tasks emit and the merge ranks. They
 # travel packed (``pack_tables``), one value per (search partition, merge partition): ``bucket``
 # is the merge partition, rid modulo the merge's partition count.
 LISTS_ARROW_SCHEMA = pa.schema(
-    [("rid", pa.int64()), ("listing_id", pa.string()), ("top_ids", pa.list_(pa.string())),
-     ("top_scores", pa.list_(pa.float32()))]
-)  # fmt: skip
+    [
+        ("rid", pa.int64()),
+        ("listing_id", pa.string()),
+        ("top_ids", pa.list_(pa.string())),
+        ("top_scores", pa.list_(pa.float32())),
+    ]
+)
 PACKED_LISTS_SCHEMA = "bucket int, payload binary"
 # A listing's top k as one row, best first (rank = position + 1): the search result's shape, a
 # twentieth of the rows that one row per neighbour takes (``ranked_rows``).
@@ -146,9 +158,10 @@ def pack_ints(values: np.ndarray, offsets: np.ndarray) -> pa.BinaryArray:
     """Variable-length int32 lists (flat values + row offsets) as a binary column."""
     values = np.ascontiguousarray(values, dtype=np.int32)
     return pa.Array.from_buffers(
-        pa.binary(), len(offsets) - 1,
+        pa.binary(),
+        len(offsets) - 1,
         [None, pa.py_buffer(np.asarray(offsets, np.int32) * 4), pa.py_buffer(values.tobytes())],
-    )  # fmt: skip
+    )
 
 
 def unpack_ints(column: pa.ChunkedArray | pa.Array) -> pa.ListArray:
@@ -205,12 +218,21 @@ def packed_task_rows(
     n = len(tables)
     role, part, list_, qchunk, cslice = (list(column) for column in zip(*keys, strict=True))
     return pa.RecordBatch.from_arrays(
-        [pa.array(part, pa.string()), pa.array(list_, pa.int32()), pa.array(qchunk, pa.int32()),
-         pa.array(cslice, pa.int32()), pa.array(role, pa.int8()), pa.array(np.zeros(n, np.int64)),
-         pa.array([""] * n, pa.string()), empty_binary(n),
-         pa.array(np.full(n, np.nan, np.float32)), empty_binary(n), pack_tables(tables)],
+        [
+            pa.array(part, pa.string()),
+            pa.array(list_, pa.int32()),
+            pa.array(qchunk, pa.int32()),
+            pa.array(cslice, pa.int32()),
+            pa.array(role, pa.int8()),
+            pa.array(np.zeros(n, np.int64)),
+            pa.array([""] * n, pa.string()),
+            empty_binary(n),
+            pa.array(np.full(n, np.nan, np.float32)),
+            empty_binary(n),
+            pack_tables(tables),
+        ],
         schema=TASK_ARROW_SCHEMA.append(pa.field("payload", pa.binary())),
-    )  # fmt: skip
+    )
 
 
 def pack_matrix(vectors: np.ndarray) -> pa.BinaryArray:
@@ -518,10 +540,12 @@ def pack_lists(lists: pa.Table, buckets: int) -> pa.RecordBatch:
     starts = np.flatnonzero(np.concatenate([[True], bucket[1:] != bucket[:-1]]))
     ends = np.append(starts[1:], len(bucket))
     return pa.RecordBatch.from_arrays(
-        [pa.array(bucket[starts], pa.int32()),
-         pack_tables(lists.slice(a, b - a) for a, b in zip(starts, ends, strict=True))],
+        [
+            pa.array(bucket[starts], pa.int32()),
+            pack_tables(lists.slice(a, b - a) for a, b in zip(starts, ends, strict=True)),
+        ],
         names=["bucket", "payload"],
-    )  # fmt: skip
+    )
 
 
 def _search_tasks(
@@ -558,12 +582,17 @@ def _search_tasks(
             scores = np.concatenate(picked_s)[order]
             starts = np.flatnonzero(np.concatenate([[True], q[1:] != q[:-1]]))
             offsets = pa.array(np.append(starts, len(q)).astype(np.int32))
-            passed.append(pa.Table.from_arrays(
-                [pa.array(rids[q[starts]]), ids.take(q[starts]),
-                 pa.ListArray.from_arrays(offsets, ids.take(c)),
-                 pa.ListArray.from_arrays(offsets, pa.array(scores, pa.float32()))],
-                schema=LISTS_ARROW_SCHEMA,
-            ))  # fmt: skip
+            passed.append(
+                pa.Table.from_arrays(
+                    [
+                        pa.array(rids[q[starts]]),
+                        ids.take(q[starts]),
+                        pa.ListArray.from_arrays(offsets, ids.take(c)),
+                        pa.ListArray.from_arrays(offsets, pa.array(scores, pa.float32())),
+                    ],
+                    schema=LISTS_ARROW_SCHEMA,
+                )
+            )
         if passed:
             yield pack_lists(pa.concat_tables(passed), buckets)
 
@@ -595,18 +624,21 @@ def _home_tasks(
             offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
             picked = pa.array(queries)
             return pa.table(
-                {"part": table.column("part").take(picked),
-                 "list": pa.array(lists[queries], pa.int32()),
-                 "rid": pa.array(rids[queries]),
-                 "listing_id": ids.take(picked),
-                 "probes": unpack_ints(table.column("probe_bytes").take(picked)),
-                 "vec": table.column("vec").take(picked),
-                 # The k-th best of any candidate subset is a lower bound of the final k-th.
-                 "tau": pa.array(best[:, k - 1], pa.float32()),
-                 "top_ids": pa.ListArray.from_arrays(offsets, ids.take(neighbour_rows[valid])),
-                 "top_scores": pa.ListArray.from_arrays(offsets,
-                                                        pa.array(best[valid], pa.float32()))}
-            )  # fmt: skip
+                {
+                    "part": table.column("part").take(picked),
+                    "list": pa.array(lists[queries], pa.int32()),
+                    "rid": pa.array(rids[queries]),
+                    "listing_id": ids.take(picked),
+                    "probes": unpack_ints(table.column("probe_bytes").take(picked)),
+                    "vec": table.column("vec").take(picked),
+                    # The k-th best of any candidate subset is a lower bound of the final k-th.
+                    "tau": pa.array(best[:, k - 1], pa.float32()),
+                    "top_ids": pa.ListArray.from_arrays(offsets, ids.take(neighbour_rows[valid])),
+                    "top_scores": pa.ListArray.from_arrays(
+                        offsets, pa.array(best[valid], pa.float32())
+                    ),
+                }
+            )
 
         held = 0
         for queries, candidates in tasks:
@@ -683,9 +715,12 @@ def _rank_lists(table: pa.Table, k: int) -> pa.Table:
     # Listings as integer codes: the sort compares strings only between equal scores.
     codes = pa.array(np.repeat(encoded.indices.to_numpy(zero_copy_only=False), lengths))
     flat = pa.table(
-        {"code": codes, "score": pc.list_flatten(table["top_scores"].combine_chunks()),
-         "neighbour_id": pc.list_flatten(top_ids)}
-    )  # fmt: skip
+        {
+            "code": codes,
+            "score": pc.list_flatten(table["top_scores"].combine_chunks()),
+            "neighbour_id": pc.list_flatten(top_ids),
+        }
+    )
     flat = flat.filter(pc.not_equal(encoded.dictionary.take(codes), flat["neighbour_id"]))
     flat = flat.sort_by(
         [("code", "ascending"), ("score", "descending"), ("neighbour_id", "ascending")]
@@ -792,8 +827,9 @@ def packed_rows(embeddings: DataFrame, partition_col: str | None = None) -> Data
     return base_rows(embeddings, partition_col).mapInArrow(_pack, PACKED_SCHEMA)
 
 
-def task_rows(rows: DataFrame, *, role: int | Column, list_: Column, qchunk: Column,
-              cslice: Column) -> DataFrame:  # fmt: skip
+def task_rows(
+    rows: DataFrame, *, role: int | Column, list_: Column, qchunk: Column, cslice: Column
+) -> DataFrame:
     """Rows with (part, rid, listing_id, vec[, tau, probe_bytes]) shaped as ``TASK_SCHEMA``
     rows."""
     # Candidates never need a query's threshold or probes.
@@ -838,13 +874,19 @@ def exact_top_k(
     # candidate of (own block, target); on the diagonal it is both.
     diagonal = F.col("target") == F.col("block")
     queries = task_rows(
-        every_block.where(~diagonal), role=QUERY, list_=F.col("target"),
-        qchunk=F.col("block"), cslice=F.lit(0),
-    )  # fmt: skip
+        every_block.where(~diagonal),
+        role=QUERY,
+        list_=F.col("target"),
+        qchunk=F.col("block"),
+        cslice=F.lit(0),
+    )
     candidates = task_rows(
-        every_block, role=F.when(diagonal, BOTH).otherwise(CANDIDATE), list_=F.col("block"),
-        qchunk=F.col("target"), cslice=F.lit(0),
-    )  # fmt: skip
+        every_block,
+        role=F.when(diagonal, BOTH).otherwise(CANDIDATE),
+        list_=F.col("block"),
+        qchunk=F.col("target"),
+        cslice=F.lit(0),
+    )
     # One block pair per partition spreads the scoring over every core; past a few thousand
     # pairs, pairs share partitions. The merge holds about as many list elements per partition.
     partitions = min(num_blocks * num_blocks, 8192)

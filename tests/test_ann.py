@@ -103,10 +103,9 @@ def test_probe_counts_give_members_and_probing_listings_per_part_and_list():
     probes = [[3, 1], [3], [1, 3], [3, 1]]  # home list first
     offsets = np.cumsum([0] + [len(p) for p in probes])
     batch = pa.RecordBatch.from_arrays(
-        [pa.array(["a", "a", "a", "b"]),
-         neighbours.pack_ints(np.concatenate(probes), offsets)],
+        [pa.array(["a", "a", "a", "b"]), neighbours.pack_ints(np.concatenate(probes), offsets)],
         names=["part", "probe_bytes"],
-    )  # fmt: skip
+    )
     # As two batches of one partition: the counts add up across them.
     got = pa.Table.from_batches(list(ann._count_probes(iter([batch.slice(0, 2), batch.slice(2)]))))
 
@@ -121,13 +120,17 @@ def test_top_candidates_keeps_scores_reaching_the_threshold_at_most_k_and_never_
     rids = np.arange(7, dtype=np.int64)
 
     qi, ci, scores = neighbours.top_candidates(
-        queries, candidates, k=2, thresholds=np.array([0.85, -np.inf], np.float32),
-        query_rids=np.array([0, 99]), candidate_rids=rids,
-    )  # fmt: skip
+        queries,
+        candidates,
+        k=2,
+        thresholds=np.array([0.85, -np.inf], np.float32),
+        query_rids=np.array([0, 99]),
+        candidate_rids=rids,
+    )
 
     got = sorted(zip(qi.tolist(), ci.tolist(), strict=True))
-    # Query 0 is candidate 0 itself; candidates 1 and 2 (cos 15 and 30 degrees) reach 0.85. Query 1 has no threshold
-    # and more than k candidates: its best two.
+    # Query 0 is candidate 0 itself; candidates 1 and 2 (cos 15 and 30 degrees) reach 0.85.
+    # Query 1 has no threshold and more than k candidates: its best two.
     assert got == [(0, 1), (0, 2), (1, 5), (1, 6)]
     assert np.all(scores <= 1.0 + 1e-6)
 
@@ -146,16 +149,23 @@ def test_top_candidates_match_a_brute_force_reference_across_score_blocks(monkey
     k = 4
 
     qi, ci, scores = neighbours.top_candidates(
-        queries, candidates, k=k, thresholds=thresholds, query_rids=query_rids,
+        queries,
+        candidates,
+        k=k,
+        thresholds=thresholds,
+        query_rids=query_rids,
         candidate_rids=candidate_rids,
-    )  # fmt: skip
+    )
 
     expected = set()
     all_scores = queries @ candidates.T
     for q in range(60):
         tau = -2.0 if np.isnan(thresholds[q]) or np.isneginf(thresholds[q]) else thresholds[q]
-        hits = [c for c in range(len(candidates))
-                if candidate_rids[c] != query_rids[q] and all_scores[q, c] >= tau]  # fmt: skip
+        hits = [
+            c
+            for c in range(len(candidates))
+            if candidate_rids[c] != query_rids[q] and all_scores[q, c] >= tau
+        ]
         expected |= {(q, c) for c in sorted(hits, key=lambda c: -all_scores[q, c])[:k]}
     assert set(zip(qi.tolist(), ci.tolist(), strict=True)) == expected
     assert len(qi) == len(expected)
@@ -192,8 +202,10 @@ def test_packed_tables_round_trip_one_value_each():
     assert packed.type == pa.binary() and len(packed) == 3
     unpacked = neighbours.unpack_tables(pa.chunked_array([packed.slice(0, 1), packed.slice(1)]))
     assert [t.to_pylist() for t in unpacked] == [
-        table.slice(0, 2).to_pylist(), table.slice(2).to_pylist(), []
-    ]  # fmt: skip
+        table.slice(0, 2).to_pylist(),
+        table.slice(2).to_pylist(),
+        [],
+    ]
 
 
 def test_recall_counts_ties_with_the_kth_exact_neighbour_as_hits():
@@ -265,8 +277,9 @@ def test_skewed_catalogue_completes_with_bounded_tasks(spark):
     assert recall_against(exact_scores(vectors, 5), by_listing) >= 0.9
 
     # Probing every list, the sliced and chunked lists must still give the exact answer.
-    every = ann.search(df, method="ivf", params=ann.IvfParams(**{**params.__dict__, "nprobe": 8}),
-                       num_listings=400)  # fmt: skip
+    every = ann.search(
+        df, method="ivf", params=ann.IvfParams(**{**params.__dict__, "nprobe": 8}), num_listings=400
+    )
     assert recall_against(exact_scores(vectors, 5), collected(every.top_k)) == 1.0
     every.release()
 
@@ -315,14 +328,17 @@ def test_measured_recall_exposes_a_bad_result_and_coverage_counts_short_lists(sp
 def test_merge_lists_ranks_across_rows_of_the_same_listing(spark):
     import pyarrow as pa
 
-    rows = [("a", ["b", "c"], [0.9, 0.5]), ("b", ["a"], [0.9]),  # home lists
-            ("a", ["d", "e"], [0.7, 0.5]), ("b", ["c", "b"], [0.95, 1.0]),  # found elsewhere
-            ("a", ["f"], [0.1])]  # fmt: skip
+    rows = [
+        ("a", ["b", "c"], [0.9, 0.5]),
+        ("b", ["a"], [0.9]),  # home lists
+        ("a", ["d", "e"], [0.7, 0.5]),
+        ("b", ["c", "b"], [0.95, 1.0]),  # found elsewhere
+        ("a", ["f"], [0.1]),
+    ]
     lists = pa.Table.from_pylist(
-        [{"rid": ord(r[0]), "listing_id": r[0], "top_ids": r[1], "top_scores": r[2]}
-         for r in rows],
+        [{"rid": ord(r[0]), "listing_id": r[0], "top_ids": r[1], "top_scores": r[2]} for r in rows],
         schema=neighbours.LISTS_ARROW_SCHEMA,
-    )  # fmt: skip
+    )
     # As two search partitions would pack them.
     packed = [neighbours.pack_lists(lists.slice(0, 2), 2), neighbours.pack_lists(lists.slice(2), 2)]
     lists = spark.createDataFrame(
@@ -332,7 +348,9 @@ def test_merge_lists_ranks_across_rows_of_the_same_listing(spark):
 
     got = neighbours.merge_lists(lists, k=3, num_partitions=2).collect()
 
-    assert sorted((r.listing_id, r.neighbour_ids, [round(s, 2) for s in r.scores]) for r in got) == [
+    assert sorted(
+        (r.listing_id, r.neighbour_ids, [round(s, 2) for s in r.scores]) for r in got
+    ) == [
         ("a", ["b", "d", "c"], [0.9, 0.7, 0.5]),  # c and e tie: c first
         ("b", ["c", "a"], [0.95, 0.9]),  # never itself
-    ]  # fmt: skip
+    ]

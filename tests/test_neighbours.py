@@ -76,8 +76,10 @@ def test_to_neighbours_table_matches_contract(spark):
     )
     day = dt.date(2026, 11, 20)
     assert got == [
-        ("a", 1, "b", 0.9, "m1", day), ("a", 2, "c", 0.5, "m1", day), ("b", 1, "a", 0.9, "m1", day)
-    ]  # fmt: skip
+        ("a", 1, "b", 0.9, "m1", day),
+        ("a", 2, "c", 0.5, "m1", day),
+        ("b", 1, "a", 0.9, "m1", day),
+    ]
 
 
 def test_task_groups_split_rows_by_part_list_chunk_and_slice_each_by_rid():

@@ -43,8 +43,23 @@ def embeddings(spark, tmp_path_factory) -> str:
 
 
 def job_argv(embeddings: str, table: str, day: dt.date, *extra: str) -> list[str]:
-    return ["--embeddings", embeddings, "--table", table, "--run-date", day.isoformat(),
-            "--k", str(K), "--nlist", "4", "--nprobe", "2", "--recall-sample", "40", *extra]  # fmt: skip
+    return [
+        "--embeddings",
+        embeddings,
+        "--table",
+        table,
+        "--run-date",
+        day.isoformat(),
+        "--k",
+        str(K),
+        "--nlist",
+        "4",
+        "--nprobe",
+        "2",
+        "--recall-sample",
+        "40",
+        *extra,
+    ]
 
 
 def publish(spark, embeddings, table, day, *extra) -> dict:
@@ -132,8 +147,9 @@ def test_gate_problems_name_recall_and_coverage_drop():
     assert len(found) == 2
     assert "recall@k 0.5000 is below the minimum 0.9000" in found[0]
     assert "dropped by 0.0900 from 0.9900 (run r0)" in found[1]
-    assert quality_gate.problems({"recall_at_k": None, "coverage": 1.0}, previous=None,
-                                 config=config)  # fmt: skip
+    assert quality_gate.problems(
+        {"recall_at_k": None, "coverage": 1.0}, previous=None, config=config
+    )
 
 
 def test_gate_refuses_a_low_recall_run_and_leaves_the_table_unchanged(spark, embeddings, tmp_path):
@@ -158,10 +174,14 @@ def test_gate_refuses_a_coverage_drop(spark, embeddings, tmp_path):
 
     with pytest.raises(quality_gate.QualityGateError, match=r"coverage 0\.5000 dropped by 0\.5000"):
         quality_gate.publish(
-            df, table, SPEC, metrics={"recall_at_k": 1.0, "coverage": 0.5},
-            config=quality_gate.GateConfig(), replace_partition={"run_date": DAY1.isoformat()},
+            df,
+            table,
+            SPEC,
+            metrics={"recall_at_k": 1.0, "coverage": 0.5},
+            config=quality_gate.GateConfig(),
+            replace_partition={"run_date": DAY1.isoformat()},
             commit_metadata={"run_id": "worse"},
-        )  # fmt: skip
+        )
 
     assert delta_io.latest_version(table) == version
 
@@ -193,8 +213,11 @@ def test_retention_keeps_the_last_runs_and_vacuums_their_files(spark, embeddings
 
 def test_retention_without_a_table_or_with_keep_all_does_nothing(spark, tmp_path):
     assert delta_io.apply_retention(spark, str(tmp_path / "none"), SPEC, keep_last=2) == {
-        "removed": [], "vacuumed": 0, "stale_staging_files": 0, "version": None,
-    }  # fmt: skip
+        "removed": [],
+        "vacuumed": 0,
+        "stale_staging_files": 0,
+        "version": None,
+    }
     with pytest.raises(ValueError, match="keep_last"):
         delta_io.apply_retention(spark, str(tmp_path), SPEC, keep_last=-1)
 
@@ -239,8 +262,11 @@ def start_child(tmp_path: Path, hook: str, argv: list[str]) -> tuple[subprocess.
     # Its own session (process group): the kill reaches the driver and its JVM, nothing else.
     proc = subprocess.Popen(
         [sys.executable, str(script), hook, str(marker), *argv],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     return proc, marker
 
 
@@ -290,8 +316,20 @@ def test_readers_polling_during_publishes_only_see_complete_runs(spark, embeddin
     table = str(tmp_path / "listing_neighbours")
     publish(spark, embeddings, table, DAY1, "--run-id", "first")
     days = ",".join(d.isoformat() for d in (DAY2, DAY1, DAY3))
-    argv = ["--embeddings", embeddings, "--table", table, "--k", str(K), "--nlist", "4",
-            "--nprobe", "2", "--recall-sample", "40"]  # fmt: skip
+    argv = [
+        "--embeddings",
+        embeddings,
+        "--table",
+        table,
+        "--k",
+        str(K),
+        "--nlist",
+        "4",
+        "--nprobe",
+        "2",
+        "--recall-sample",
+        "40",
+    ]
     proc, _ = start_child(tmp_path, "loop", [days, *argv])
 
     seen: set[int] = set()

@@ -93,10 +93,14 @@ def test_top_candidates_keeps_the_tied_candidates_with_the_smallest_keys(seed, o
     query, candidates, keys = tied_candidates(rng, tied=9, others=others)
 
     qi, ci, scores = neighbours.top_candidates(
-        query, candidates, k=K, thresholds=np.array([threshold], np.float32),
-        query_rids=np.array([-1]), candidate_rids=np.arange(len(candidates)),
+        query,
+        candidates,
+        k=K,
+        thresholds=np.array([threshold], np.float32),
+        query_rids=np.array([-1]),
+        candidate_rids=np.arange(len(candidates)),
         candidate_order=lambda: keys,
-    )  # fmt: skip
+    )
 
     assert qi.tolist() == [0] * K
     assert sorted(keys[ci].tolist()) == list(range(K))
@@ -114,9 +118,13 @@ def test_best_k_keeps_the_tied_candidates_with_the_smallest_keys_best_first(seed
     query_rids = np.array([-1, -2, rids[keys == 0][0]])
 
     index, best = neighbours.best_k(
-        queries, candidates, k=K, query_rids=query_rids, candidate_rids=rids,
+        queries,
+        candidates,
+        k=K,
+        query_rids=query_rids,
+        candidate_rids=rids,
         candidate_order=lambda: keys,
-    )  # fmt: skip
+    )
 
     assert keys[index[0]].tolist() == list(range(K))
     assert keys[index[2]].tolist() == list(range(1, K + 1))  # never itself
@@ -129,9 +137,13 @@ def test_without_keys_ties_go_to_the_first_candidates():
     candidates = np.array([[0.0, 1.0]] + [[1.0, 0.0]] * 8, np.float32)
 
     _, ci, _ = neighbours.top_candidates(
-        query, candidates, k=3, thresholds=np.array([-np.inf], np.float32),
-        query_rids=np.array([-1]), candidate_rids=np.arange(9),
-    )  # fmt: skip
+        query,
+        candidates,
+        k=3,
+        thresholds=np.array([-np.inf], np.float32),
+        query_rids=np.array([-1]),
+        candidate_rids=np.arange(9),
+    )
     index, _ = neighbours.best_k(
         query, candidates, k=3, query_rids=np.array([-1]), candidate_rids=np.arange(9)
     )
