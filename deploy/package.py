@@ -85,10 +85,20 @@ def build_wheel(out_dir: Path, repo: Path = REPO, python: str = sys.executable) 
     for old in before:
         old.unlink()
     subprocess.run(
-        [python, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(out_dir), str(repo)],
+        [
+            python,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(out_dir),
+            str(repo),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     wheels = sorted(out_dir.glob(f"{PROJECT_DIST}-*.whl"))
     if len(wheels) != 1:
         raise RuntimeError(f"expected one wheel in {out_dir}, found {wheels}")

@@ -62,8 +62,13 @@ def collect(args: RecordArgs) -> RunRecord:
     """The run's ``RunRecord`` from the files and commits its stages left (no Spark)."""
     layout = Layout(args.root)
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    record = RunRecord(args.run_id, args.run_date, now, model_version=args.model_version,
-                       parameters={k: str(v) for k, v in args.parameters.items()})  # fmt: skip
+    record = RunRecord(
+        args.run_id,
+        args.run_date,
+        now,
+        model_version=args.model_version,
+        parameters={k: str(v) for k, v in args.parameters.items()},
+    )
     problems = []
     shards = Path(layout.shards(args.run_date))
     manifest = _json(shards / "manifest.json")
@@ -122,8 +127,13 @@ def run(spark: SparkSession, args: RecordArgs) -> dict:
     version = delta_io.write_table(
         run_row(spark, record), Layout(args.root).table("runs"), runs.SPEC
     )
-    return {"stage": "record", "run_id": args.run_id, "status": record.status,
-            "error": record.error, "table_version": version}  # fmt: skip
+    return {
+        "stage": "record",
+        "run_id": args.run_id,
+        "status": record.status,
+        "error": record.error,
+        "table_version": version,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

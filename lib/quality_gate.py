@@ -35,9 +35,10 @@ class QualityGateError(RuntimeError):
         # What was measured, so the caller can record why the run was refused.
         self.metrics = dict(metrics or {})
         super().__init__(
-            f"quality gate refused to publish {table}: " + "; ".join(problems)
+            f"quality gate refused to publish {table}: "
+            + "; ".join(problems)
             + " (the published table is unchanged)"
-        )  # fmt: skip
+        )
 
 
 def last_published(table_path: str, *, search_depth: int = 50) -> dict[str, Any] | None:

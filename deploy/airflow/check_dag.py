@@ -20,8 +20,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXPECTED_TASKS = ["shards", "train", "embeddings", "neighbours", "evaluate", "evaluation_gate",
-                  "record_run"]  # fmt: skip
+EXPECTED_TASKS = [
+    "shards",
+    "train",
+    "embeddings",
+    "neighbours",
+    "evaluate",
+    "evaluation_gate",
+    "record_run",
+]
 
 
 def airflow_home() -> Path:
@@ -58,8 +65,14 @@ def check_graph() -> dict:
         if dag.get_task(upstream).downstream_task_ids != {downstream}:
             problems.append(f"{upstream} -> {sorted(dag.get_task(upstream).downstream_task_ids)}")
     record = dag.get_task("record_run")
-    if str(record.trigger_rule.value if hasattr(record.trigger_rule, "value") else
-           record.trigger_rule) != "all_done":  # fmt: skip
+    if (
+        str(
+            record.trigger_rule.value
+            if hasattr(record.trigger_rule, "value")
+            else record.trigger_rule
+        )
+        != "all_done"
+    ):
         problems.append(f"record_run trigger rule is {record.trigger_rule}")
     if not dag.get_task("shards").depends_on_past:
         problems.append("shards must depend on past (vocabularies chain day to day)")
@@ -140,8 +153,12 @@ def dags_test(run_date: str, run_conf: str | None) -> dict:
     )
     output = (done.stdout + done.stderr).splitlines()
     failed = [line for line in output if "Marking task as FAILED" in line or "task failed" in line]
-    return {"returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1),
-            "failed": failed[-5:], "tail": output[-15:]}  # fmt: skip
+    return {
+        "returncode": done.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+        "failed": failed[-5:],
+        "tail": output[-15:],
+    }
 
 
 def main() -> None:

@@ -82,8 +82,18 @@ def submit_command(settings: Settings, stage: str) -> str:
     if stage not in (*SPARK_STAGES, RECORD):
         raise ValueError(f"{stage!r} is not a Spark stage")
     name = "record" if stage == RECORD else stage
-    argv = [settings.python, f"{settings.project}/deploy/submit.py", "--master", settings.master,
-            *settings.submit_flags, "stage", name, "--run-key", RUN_KEY, *_run_flags(settings)]  # fmt: skip
+    argv = [
+        settings.python,
+        f"{settings.project}/deploy/submit.py",
+        "--master",
+        settings.master,
+        *settings.submit_flags,
+        "stage",
+        name,
+        "--run-key",
+        RUN_KEY,
+        *_run_flags(settings),
+    ]
     extra = settings.stage_flags.get(stage, ())
     if extra:
         argv += ["--", *extra]
@@ -92,8 +102,14 @@ def submit_command(settings: Settings, stage: str) -> str:
 
 def gate_command(settings: Settings) -> str:
     """The bash command of the evaluation gate: the run's evaluation against the rules."""
-    argv = [settings.python, f"{settings.project}/deploy/evaluation_gate.py",
-            "--root", settings.root, "--run-date", RUN_DATE]  # fmt: skip
+    argv = [
+        settings.python,
+        f"{settings.project}/deploy/evaluation_gate.py",
+        "--root",
+        settings.root,
+        "--run-date",
+        RUN_DATE,
+    ]
     for rule in settings.gate_rules:
         argv += ["--rule", rule]
     return _join(argv)
