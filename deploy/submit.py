@@ -254,9 +254,18 @@ def stage_job(
     argvs = pipeline.stage_argv(args, layout, run_id, model_version)
     if stage == "evaluate" and stage not in argvs:
         argvs[stage] = _evaluate_argv(args, layout, run_id, model_version)
-    argvs["record"] = ["--root", args.root, "--run-date", args.run_date.isoformat(),
-                       "--run-id", run_id, "--model-version", model_version,
-                       "--parameters", json.dumps({k: str(v) for k, v in vars(args).items()})]  # fmt: skip
+    argvs["record"] = [
+        "--root",
+        args.root,
+        "--run-date",
+        args.run_date.isoformat(),
+        "--run-id",
+        run_id,
+        "--model-version",
+        model_version,
+        "--parameters",
+        json.dumps({k: str(v) for k, v in vars(args).items()}),
+    ]
     facts = {"run_id": run_id, "model_version": model_version, "run_date": str(args.run_date)}
     return STAGE_JOBS[stage], list(argvs[stage]), facts
 
@@ -264,13 +273,28 @@ def stage_job(
 def _evaluate_argv(args, layout, run_id: str, model_version: str) -> list[str]:
     # Until jobs.pipeline.stage_argv lists the evaluate stage itself.
     day = args.run_date.isoformat()
-    return ["--shards", layout.shards(args.run_date), "--listings", layout.listings,
-            "--embeddings", layout.table("listing_embeddings"),
-            "--neighbours", layout.table("listing_neighbours"),
-            "--model", layout.model_dir(model_version),
-            "--out", str(Path(layout.report(args.run_date)).parent),
-            "--run-date", day, "--k", str(args.k), "--seed", str(args.seed),
-            "--run-id", run_id]  # fmt: skip
+    return [
+        "--shards",
+        layout.shards(args.run_date),
+        "--listings",
+        layout.listings,
+        "--embeddings",
+        layout.table("listing_embeddings"),
+        "--neighbours",
+        layout.table("listing_neighbours"),
+        "--model",
+        layout.model_dir(model_version),
+        "--out",
+        str(Path(layout.report(args.run_date)).parent),
+        "--run-date",
+        day,
+        "--k",
+        str(args.k),
+        "--seed",
+        str(args.seed),
+        "--run-id",
+        run_id,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +320,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SubmitSpec, argparse.
     p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--env-archive", default=env.get("LISTING_SIMILARITY_ENV_ARCHIVE"))
     p.add_argument("--py-files", default=env.get("LISTING_SIMILARITY_PY_FILES", str(DEFAULT_ZIP)))
-    p.add_argument("--delta", action=argparse.BooleanOptionalAction,
-                   default=env.get("LISTING_SIMILARITY_DELTA", "") in ("1", "true", "yes"))  # fmt: skip
+    p.add_argument(
+        "--delta",
+        action=argparse.BooleanOptionalAction,
+        default=env.get("LISTING_SIMILARITY_DELTA", "") in ("1", "true", "yes"),
+    )
     p.add_argument("--spark-submit", default=None, help="default: $SPARK_HOME/bin/spark-submit")
     p.add_argument(
         "--code-root",

@@ -106,8 +106,13 @@ def test_reviews_split_at_the_earlier_scrape_and_land_in_the_shard_holdout(spark
     events = airbnb.interactions_from_scrapes(earlier, later, split_date=split)
     got = sorted((r.user_id, r.listing_id, r.event_date.isoformat()) for r in events.collect())
     # Review 106 (dated before the split, but only in the later scrape) must not leak in.
-    assert got == [("7", "1", "2024-01-01"), ("7", "2", "2024-06-01"), ("8", "1", "2024-11-04"),
-                   ("8", "1", "2025-01-01"), ("8", "3", "2025-02-01")]  # fmt: skip
+    assert got == [
+        ("7", "1", "2024-01-01"),
+        ("7", "2", "2024-06-01"),
+        ("8", "1", "2024-11-04"),
+        ("8", "1", "2025-01-01"),
+        ("8", "3", "2025-02-01"),
+    ]
     first = events.orderBy("event_ts").first()
     assert first.event_type == "contact" and first.event_ts == dt.datetime(2024, 1, 1, 12)
 
@@ -139,23 +144,58 @@ def test_albany_pipeline_and_evaluation_end_to_end(spark, tmp_path):
     """The real data through every stage on a subsample: the last two years of history."""
     root, layout = str(tmp_path), Layout(str(tmp_path))
     scrapes = sorted(p for p in SHARED.iterdir() if p.is_dir())
-    stats = import_insideairbnb.run(spark, import_insideairbnb.parse_args(
-        ["--scrape", str(scrapes[0]), "--later-scrape", str(scrapes[-1]), "--out", f"{root}/inputs"]))  # fmt: skip
+    stats = import_insideairbnb.run(
+        spark,
+        import_insideairbnb.parse_args(
+            [
+                "--scrape",
+                str(scrapes[0]),
+                "--later-scrape",
+                str(scrapes[-1]),
+                "--out",
+                f"{root}/inputs",
+            ]
+        ),
+    )
     window = stats["shard_args"]
     run_date = dt.date.fromisoformat(window["run_date"])
     args = pipeline.PipelineArgs(root=root, run_date=run_date, k=20, epochs=2, batch_size=256)
     run_id = uuid.uuid4().hex
     argv = pipeline.stage_argv(args, layout, run_id, f"albany-{run_id[:8]}")
-    argv["shards"] += ["--lookback-days", str(window["holdout_days"] + 730),
-                       "--holdout-days", str(window["holdout_days"]), "--half-life-days", "365"]  # fmt: skip
+    argv["shards"] += [
+        "--lookback-days",
+        str(window["holdout_days"] + 730),
+        "--holdout-days",
+        str(window["holdout_days"]),
+        "--half-life-days",
+        "365",
+    ]
     for name in ("shards", "train", "embeddings", "neighbours"):
         module = pipeline.STAGES[name]
         module.run(spark, module.parse_args(argv[name]))
-    result = evaluate.run(spark, evaluate.parse_args([
-        "--shards", layout.shards(run_date), "--listings", layout.listings,
-        "--embeddings", layout.table("listing_embeddings"), "--neighbours", layout.table("listing_neighbours"),
-        "--model", layout.model_dir(f"albany-{run_id[:8]}"), "--run-date", run_date.isoformat(),
-        "--out", f"{root}/report", "--run-id", run_id]))  # fmt: skip
+    result = evaluate.run(
+        spark,
+        evaluate.parse_args(
+            [
+                "--shards",
+                layout.shards(run_date),
+                "--listings",
+                layout.listings,
+                "--embeddings",
+                layout.table("listing_embeddings"),
+                "--neighbours",
+                layout.table("listing_neighbours"),
+                "--model",
+                layout.model_dir(f"albany-{run_id[:8]}"),
+                "--run-date",
+                run_date.isoformat(),
+                "--out",
+                f"{root}/report",
+                "--run-id",
+                run_id,
+            ]
+        ),
+    )
 
     metrics = json.loads(Path(f"{root}/report/metrics.json").read_text())["metrics"]
     assert set(metrics) == {

@@ -483,11 +483,14 @@ def _sync_rank(rank: int, init_file: str, out_dir: str) -> None:
     loss.backward()
     sync()
     torch.save(
-        {"users": users.weight.detach(), "listings": listings.weight.detach(),
-         "users_grad": users.weight.grad.to_dense(),
-         "listings_grad": listings.weight.grad.to_dense()},
+        {
+            "users": users.weight.detach(),
+            "listings": listings.weight.detach(),
+            "users_grad": users.weight.grad.to_dense(),
+            "listings_grad": listings.weight.grad.to_dense(),
+        },
         f"{out_dir}/rank{rank}.pt",
-    )  # fmt: skip
+    )
     dist.destroy_process_group()
 
 
