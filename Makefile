@@ -50,8 +50,10 @@ QUALITY_ARGS ?=
 quality: install
 	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
 
-# Every stage spark-submitted to a real standalone cluster (master + worker on 127.0.0.1) with
-# the packaged environment; training on executors. Last line: JSON (master, executors, ...).
+# Every stage spark-submitted to a real standalone cluster (a master and two 1-core workers on
+# 127.0.0.1) with the packaged environment; training as one DDP rank per executor. Fails unless
+# shards, train and neighbours ran tasks on >= 2 executors (counted from each application's
+# event log). Last line: JSON (master, executors, executors_by_stage, stage_seconds, ...).
 test-cluster: install
 	$(BIN)/python -m deploy.cluster_test
 

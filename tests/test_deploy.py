@@ -437,3 +437,73 @@ def test_extra_stage_flags_after_double_dash():
     assert spec.job_args[-1] == "--no-report"
     with pytest.raises(SystemExit):
         submit.parse_args(["job", "jobs/x.py", "--k", "3"])  # job flags belong after --
+
+
+def _event(kind, **fields):
+    return json.dumps({"Event": kind, **fields})
+
+
+def test_cluster_test_counts_executors_from_the_event_log(tmp_path):
+    from deploy import cluster_test
+
+    def task_end(stage, executor):
+        return _event(
+            "SparkListenerTaskEnd",
+            **{
+                "Stage ID": stage,
+                "Stage Attempt ID": 0,
+                "Task Info": {"Executor ID": executor, "Host": "127.0.0.1"},
+            },
+        )
+
+    def submitted(stage, barrier):
+        return _event(
+            "SparkListenerStageSubmitted",
+            **{
+                "Stage Info": {
+                    "Stage ID": stage,
+                    "Stage Attempt ID": 0,
+                    "RDD Info": [{"Barrier": barrier}],
+                }
+            },
+        )
+
+    lines = [
+        _event("SparkListenerApplicationStart", **{"App ID": "app-1"}),
+        submitted(0, False),
+        task_end(0, "0"),
+        task_end(0, "0"),
+        task_end(0, "driver"),
+        submitted(1, True),
+        task_end(1, "0"),
+        task_end(1, "1"),
+        "not json {",
+    ]
+    logs = tmp_path / "events"
+    logs.mkdir()
+    (logs / "app-1").write_text("\n".join(lines) + "\n")
+    found = cluster_test.read_event_logs(logs)
+    assert found == {
+        "app_id": "app-1",
+        "executors": ["0", "1"],
+        "tasks": 4,
+        "barrier_executors": ["0", "1"],
+    }
+    cluster_test._check_executors("train", found, 2, 2)
+    one = {**found, "executors": ["0"]}
+    with pytest.raises(AssertionError, match=r"stage shards .* on 1 executor"):
+        cluster_test._check_executors("shards", one, 2, 2)
+    with pytest.raises(AssertionError, match="DDP ranks"):
+        cluster_test._check_executors("train", {**found, "barrier_executors": ["1"]}, 2, 2)
+    (logs / "app-2.inprogress").write_text("")
+    with pytest.raises(AssertionError, match="expected one Spark event log"):
+        cluster_test.read_event_logs(logs)
+
+
+def test_cluster_test_defaults_to_two_single_core_workers():
+    from deploy import cluster_test
+
+    args = cluster_test.parse_args([])
+    assert (args.workers, args.cores, args.executor_cores, args.min_executors) == (2, 1, 1, 2)
+    with pytest.raises(SystemExit):
+        cluster_test.parse_args(["--workers", "1"])  # one executor cannot show two
