@@ -286,8 +286,10 @@ def _bucket(column: Column, bounds: list[float]) -> Column:
 
 def _normalised(column: Column, entry: dict[str, Any]) -> Column:
     value = F.log1p(F.when(column >= 0, column)) if entry["log"] else column
-    z = (value - F.lit(entry["mean"])) / F.lit(entry["std"])
-    return F.coalesce(F.least(F.greatest(z, F.lit(-_CLIP)), F.lit(_CLIP)), F.lit(0.0))
+    # A missing value is the mean (0) before clipping: greatest/least skip nulls, so clipping
+    # first would turn it into -_CLIP.
+    z = F.coalesce((value - F.lit(entry["mean"])) / F.lit(entry["std"]), F.lit(0.0))
+    return F.least(F.greatest(z, F.lit(-_CLIP)), F.lit(_CLIP))
 
 
 def _token_codes(feature: Feature, entry: dict[str, Any]) -> Column:
