@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib import ann, neighbours  # noqa: E402
+from lib import ann, ivf_index, neighbours, packing  # noqa: E402
+from lib.recall import found_scores, recall_from_scores  # noqa: E402
 from lib.session import build_session  # noqa: E402
 
 GOAL_RECALL = 0.95
@@ -58,7 +59,7 @@ def clustered_vectors(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
         vectors[start : start + len(part)] = clusters[part] + 1.0 * rng.normal(
             size=(len(part), dim)
         )
-    return neighbours.unit_rows(vectors)
+    return packing.unit_rows(vectors)
 
 
 def write_parquet(vectors: np.ndarray, ids: list[str], path: Path, files: int = 8) -> None:
@@ -98,7 +99,7 @@ def exact_truth(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 def recall_of(found: dict[str, list[float]], truth: np.ndarray, ids: list[str], queries) -> float:
     exact = {ids[q]: list(truth[i]) for i, q in enumerate(queries)}
-    return ann.recall_from_scores(exact, found)
+    return recall_from_scores(exact, found)
 
 
 def load() -> float:
@@ -122,7 +123,7 @@ def run_ivf(spark, path, n, ids, truth, queries, args, nprobe, dataset) -> dict:
     top_k = result.top_k.persist(StorageLevel.MEMORY_AND_DISK)
     rows = top_k.count()
     seconds = time.perf_counter() - started
-    recall = recall_of(ann.found_scores(top_k, [ids[q] for q in queries]), truth, ids, queries)
+    recall = recall_of(found_scores(top_k, [ids[q] for q in queries]), truth, ids, queries)
     top_k.unpersist()
     result.release()
     embeddings.unpersist()
@@ -164,9 +165,7 @@ def run_exact(spark, path, n, ids, vectors, args, dataset) -> dict:
     top_k = top_k.persist(StorageLevel.MEMORY_AND_DISK)
     top_k.count()
     measured = time.perf_counter() - started
-    recall = recall_of(
-        ann.found_scores(top_k, [ids[q] for q in sub_queries]), truth, ids, sub_queries
-    )
+    recall = recall_of(found_scores(top_k, [ids[q] for q in sub_queries]), truth, ids, sub_queries)
     top_k.unpersist()
     embeddings.unpersist()
     scale = (n / subset_n) ** 2
@@ -208,11 +207,11 @@ def run_faiss(vectors, ids, truth, queries, args, nprobe, dataset) -> dict:
     import faiss
 
     n, dim = vectors.shape
-    nlist = ann.default_nlist(n)
+    nlist = ivf_index.default_nlist(n)
     load_before = load()
     started = time.perf_counter()
     rng = np.random.default_rng(7)
-    sample = vectors[rng.choice(n, min(n, ann.default_sample_size(nlist)), replace=False)]
+    sample = vectors[rng.choice(n, min(n, ivf_index.default_sample_size(nlist)), replace=False)]
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = True
     index.train(sample)
@@ -284,7 +283,7 @@ def run_lsh(spark, n, ids, vectors, args, dataset) -> dict:
     top_k.count()
     measured = time.perf_counter() - started
     as_lists = top_k.groupBy("listing_id").agg(F.collect_list("score").alias("scores"))
-    recall = recall_of(ann.found_scores(as_lists, [ids[q] for q in queries]), truth, ids, queries)
+    recall = recall_of(found_scores(as_lists, [ids[q] for q in queries]), truth, ids, queries)
     top_k.unpersist()
     df.unpersist()
     scale = (n / subset_n) ** 2
@@ -320,7 +319,7 @@ def demo_embeddings(spark, table: str, data: Path) -> tuple[Path, np.ndarray, li
     arrow = df.where(df.run_date == latest).select("listing_id", "embedding").toArrow()
     arrow = arrow.sort_by("listing_id")
     ids = arrow.column("listing_id").to_pylist()
-    vectors = neighbours.unit_rows(neighbours.vector_matrix(arrow.column("embedding")))
+    vectors = packing.unit_rows(packing.vector_matrix(arrow.column("embedding")))
     folder = data / "demo-embeddings"
     write_parquet(vectors, ids, folder, files=2)
     return folder, vectors, ids

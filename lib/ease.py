@@ -31,7 +31,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import FloatType, IntegerType, StringType, StructField, StructType
 
-from lib.neighbours import positions_in_runs
+from lib.block_scoring import positions_in_runs
 from lib.schema_check import arrow_schema
 
 # Same contract as ``lib.baselines.RANKED_SCHEMA``; repeated here rather than imported so that

@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lib import ann, neighbours
+from lib import ann, block_scoring, ivf_index, ivf_plan, neighbours, packing, recall, task_stages
 
 
 def clustered(n: int, dim: int = 8, clusters: int = 12, noise: float = 0.35, seed: int = 0):
@@ -21,7 +21,7 @@ def embeddings_df(spark, vectors: np.ndarray, markets: list[str] | None = None):
 
 
 def exact_scores(vectors: np.ndarray, k: int, parts: np.ndarray | None = None) -> dict:
-    unit = neighbours.unit_rows(vectors)
+    unit = packing.unit_rows(vectors)
     scores = unit @ unit.T
     np.fill_diagonal(scores, -np.inf)
     if parts is not None:
@@ -40,7 +40,9 @@ def collected(top_k) -> dict[str, list]:
 
 
 def recall_against(truth: dict, by_listing: dict) -> float:
-    return ann.recall_from_scores(truth, {q: [r.score for r in rs] for q, rs in by_listing.items()})
+    return recall.recall_from_scores(
+        truth, {q: [r.score for r in rs] for q, rs in by_listing.items()}
+    )
 
 
 def assert_well_formed(by_listing: dict, k: int) -> None:
@@ -63,7 +65,7 @@ def test_train_centroids_finds_separated_clusters_and_fills_empty_lists():
     centres = np.eye(4, dtype=np.float32) * 10
     sample = np.repeat(centres, 50, axis=0) + 0.01 * rng.normal(size=(200, 4)).astype(np.float32)
 
-    found = ann.train_centroids(sample, 4, iterations=10, seed=3)
+    found = ivf_index.train_centroids(sample, 4, iterations=10, seed=3)
 
     assert found.shape == (4, 4)
     np.testing.assert_allclose(np.linalg.norm(found, axis=1), 1.0, rtol=1e-5)
@@ -72,19 +74,21 @@ def test_train_centroids_finds_separated_clusters_and_fills_empty_lists():
 
 
 def test_train_centroids_caps_lists_at_sample_size():
-    assert ann.train_centroids(np.ones((3, 2), np.float32), 10).shape == (3, 2)
+    assert ivf_index.train_centroids(np.ones((3, 2), np.float32), 10).shape == (3, 2)
 
 
 def test_default_sizes_grow_with_the_catalogue_but_the_sample_is_bounded():
-    assert ann.default_nlist(1_000_000) == 1000
-    assert ann.default_nlist(10) == 3
-    assert ann.default_sample_size(ann.default_nlist(10**9)) == ann.MAX_SAMPLE
+    assert ivf_index.default_nlist(1_000_000) == 1000
+    assert ivf_index.default_nlist(10) == 3
+    assert ivf_index.default_sample_size(ivf_index.default_nlist(10**9)) == ivf_index.MAX_SAMPLE
 
 
 def test_plan_splits_a_giant_list_into_bounded_tasks():
     counts = [("", 0, 100_000, 50_000), ("", 1, 300, 900), ("", 2, 0, 40)]
 
-    plans = {p.list: p for p in ann.plan_lists(counts, task_work=1_000_000, max_candidates=5_000)}
+    plans = {
+        p.list: p for p in ivf_plan.plan_lists(counts, task_work=1_000_000, max_candidates=5_000)
+    }
 
     giant = plans[0]
     assert giant.slices == 20 and giant.per_slice == 5_000
@@ -93,7 +97,7 @@ def test_plan_splits_a_giant_list_into_bounded_tasks():
     assert giant.search_queries == 150_000 and giant.search_task_scores <= 1_000_000
     small = plans[1]
     assert (small.slices, small.home_chunks, small.search_chunks) == (1, 1, 1)
-    summary = ann.plan_summary(list(plans.values()))
+    summary = ivf_plan.plan_summary(list(plans.values()))
     assert summary["largest_list"] == 100_000
     assert summary["max_task_scores"] <= 1_000_000
     assert summary["max_task_candidates"] == 5_000
@@ -103,11 +107,13 @@ def test_probe_counts_give_members_and_probing_listings_per_part_and_list():
     probes = [[3, 1], [3], [1, 3], [3, 1]]  # home list first
     offsets = np.cumsum([0] + [len(p) for p in probes])
     batch = pa.RecordBatch.from_arrays(
-        [pa.array(["a", "a", "a", "b"]), neighbours.pack_ints(np.concatenate(probes), offsets)],
+        [pa.array(["a", "a", "a", "b"]), packing.pack_ints(np.concatenate(probes), offsets)],
         names=["part", "probe_bytes"],
     )
     # As two batches of one partition: the counts add up across them.
-    got = pa.Table.from_batches(list(ann._count_probes(iter([batch.slice(0, 2), batch.slice(2)]))))
+    got = pa.Table.from_batches(
+        list(ivf_plan._count_probes(iter([batch.slice(0, 2), batch.slice(2)])))
+    )
 
     rows = sorted(zip(*(got.column(c).to_pylist() for c in got.column_names), strict=True))
     assert rows == [("a", 1, 1, 2), ("a", 3, 2, 3), ("b", 1, 0, 1), ("b", 3, 1, 1)]
@@ -119,7 +125,7 @@ def test_top_candidates_keeps_scores_reaching_the_threshold_at_most_k_and_never_
     candidates = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
     rids = np.arange(7, dtype=np.int64)
 
-    qi, ci, scores = neighbours.top_candidates(
+    qi, ci, scores = block_scoring.top_candidates(
         queries,
         candidates,
         k=2,
@@ -139,16 +145,16 @@ def test_top_candidates_match_a_brute_force_reference_across_score_blocks(monkey
     # Small score blocks: queries meet themselves in later blocks, and every path runs: queries
     # with none, a few (<= k), more than k of few (ranked among hits) and most candidates
     # reaching their threshold (ranked in full).
-    monkeypatch.setattr(neighbours, "_SCORE_BLOCK", 1_000)
+    monkeypatch.setattr(block_scoring, "_SCORE_BLOCK", 1_000)
     rng = np.random.default_rng(3)
-    queries = neighbours.unit_rows(rng.normal(size=(60, 8)))
-    candidates = np.concatenate([queries[::3], neighbours.unit_rows(rng.normal(size=(180, 8)))])
+    queries = packing.unit_rows(rng.normal(size=(60, 8)))
+    candidates = np.concatenate([queries[::3], packing.unit_rows(rng.normal(size=(180, 8)))])
     query_rids = np.arange(60, dtype=np.int64)
     candidate_rids = np.concatenate([query_rids[::3], 1_000 + np.arange(180)])
     thresholds = rng.choice([0.99, 0.75, 0.6, 0.3, -np.inf, np.nan], size=60).astype(np.float32)
     k = 4
 
-    qi, ci, scores = neighbours.top_candidates(
+    qi, ci, scores = block_scoring.top_candidates(
         queries,
         candidates,
         k=k,
@@ -176,7 +182,7 @@ def test_top_candidates_match_a_brute_force_reference_across_score_blocks(monkey
 
 def test_best_k_reports_missing_entries_as_minus_infinity():
     vectors = np.eye(3, dtype=np.float32)
-    index, best = neighbours.best_k(
+    index, best = block_scoring.best_k(
         vectors, vectors, k=5, query_rids=np.arange(3), candidate_rids=np.arange(3)
     )
     assert best.shape == (3, 3)
@@ -186,21 +192,21 @@ def test_best_k_reports_missing_entries_as_minus_infinity():
 
 def test_packed_vectors_round_trip_also_when_sliced():
     vectors = np.arange(24, dtype=np.float32).reshape(6, 4)
-    packed = neighbours.pack_matrix(vectors)
-    np.testing.assert_array_equal(neighbours.vector_matrix(packed), vectors)
-    np.testing.assert_array_equal(neighbours.vector_matrix(packed.slice(2, 3)), vectors[2:5])
+    packed = packing.pack_matrix(vectors)
+    np.testing.assert_array_equal(packing.vector_matrix(packed), vectors)
+    np.testing.assert_array_equal(packing.vector_matrix(packed.slice(2, 3)), vectors[2:5])
     lists = pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32()))
-    np.testing.assert_array_equal(neighbours.vector_matrix(lists), [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(packing.vector_matrix(lists), [[1, 2], [3, 4]])
     with pytest.raises(ValueError, match="same length"):
-        neighbours.vector_matrix(pa.array([[1.0], [1.0, 2.0]], pa.list_(pa.float32())))
+        packing.vector_matrix(pa.array([[1.0], [1.0, 2.0]], pa.list_(pa.float32())))
 
 
 def test_packed_tables_round_trip_one_value_each():
     table = pa.table({"rid": [1, 2, 3], "vec": [b"ab", b"", b"cde"]})
-    packed = neighbours.pack_tables([table.slice(0, 2), table.slice(2), table.slice(0, 0)])
+    packed = packing.pack_tables([table.slice(0, 2), table.slice(2), table.slice(0, 0)])
 
     assert packed.type == pa.binary() and len(packed) == 3
-    unpacked = neighbours.unpack_tables(pa.chunked_array([packed.slice(0, 1), packed.slice(1)]))
+    unpacked = packing.unpack_tables(pa.chunked_array([packed.slice(0, 1), packed.slice(1)]))
     assert [t.to_pylist() for t in unpacked] == [
         table.slice(0, 2).to_pylist(),
         table.slice(2).to_pylist(),
@@ -211,9 +217,9 @@ def test_packed_tables_round_trip_one_value_each():
 def test_recall_counts_ties_with_the_kth_exact_neighbour_as_hits():
     truth = {"a": [0.9, 0.8], "b": [0.5, 0.5]}
     # "b" found another neighbour with the same score as its exact 2nd: still a full match.
-    assert ann.recall_from_scores(truth, {"a": [0.9, 0.8], "b": [0.5, 0.5]}) == 1.0
-    assert ann.recall_from_scores(truth, {"a": [0.9, 0.1], "b": []}) == 0.25
-    assert ann.recall_from_scores({}, {}) is None
+    assert recall.recall_from_scores(truth, {"a": [0.9, 0.8], "b": [0.5, 0.5]}) == 1.0
+    assert recall.recall_from_scores(truth, {"a": [0.9, 0.1], "b": []}) == 0.25
+    assert recall.recall_from_scores({}, {}) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,13 +343,16 @@ def test_merge_lists_ranks_across_rows_of_the_same_listing(spark):
     ]
     lists = pa.Table.from_pylist(
         [{"rid": ord(r[0]), "listing_id": r[0], "top_ids": r[1], "top_scores": r[2]} for r in rows],
-        schema=neighbours.LISTS_ARROW_SCHEMA,
+        schema=task_stages.LISTS_ARROW_SCHEMA,
     )
     # As two search partitions would pack them.
-    packed = [neighbours.pack_lists(lists.slice(0, 2), 2), neighbours.pack_lists(lists.slice(2), 2)]
+    packed = [
+        task_stages.pack_lists(lists.slice(0, 2), 2),
+        task_stages.pack_lists(lists.slice(2), 2),
+    ]
     lists = spark.createDataFrame(
         [(b["bucket"], b["payload"]) for batch in packed for b in batch.to_pylist()],
-        neighbours.PACKED_LISTS_SCHEMA,
+        task_stages.PACKED_LISTS_SCHEMA,
     )
 
     got = neighbours.merge_lists(lists, k=3, num_partitions=2).collect()

@@ -10,7 +10,7 @@ from deltalake import DeltaTable
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from lib import delta_io
+from lib import delta_commit, delta_io, delta_native
 from lib.schema_check import SchemaError
 from schemas import TableSpec, interactions, listing_neighbours, runs
 
@@ -69,7 +69,7 @@ def test_round_trip_creates_partitioned_table(spark, tmp_path):
         f.startswith(("run_date=2026-11-19/", "run_date=2026-11-20/")) for f in files
     )
     assert all(Path(f).name.startswith("part-") for f in files)
-    assert list((table / delta_io.STAGING_DIR).iterdir()) == []
+    assert list((table / delta_commit.STAGING_DIR).iterdir()) == []
 
 
 def test_independent_reader_sees_same_rows_schema_and_partitions(spark, tmp_path):
@@ -387,7 +387,7 @@ def test_failure_before_commit_keeps_previous_version(spark, tmp_path, monkeypat
         staged.extend(a.path for a in adds)  # Spark has written, files are in place
         raise RuntimeError("commit service down")
 
-    monkeypatch.setattr(delta_io, "_commit", broken_commit)
+    monkeypatch.setattr(delta_commit, "_commit", broken_commit)
     with pytest.raises(RuntimeError, match="commit service down"):
         delta_io.write_table(
             neighbours(spark, DAY1, ["x"]),
@@ -401,19 +401,19 @@ def test_failure_before_commit_keeps_previous_version(spark, tmp_path, monkeypat
     assert delta_io.latest_version(str(table)) == 0
     assert_same_rows(delta_io.read_table(spark, str(table), SPEC), day1)
     assert data_files(table) == files_before  # moved files of the failed write are removed
-    assert list((table / delta_io.STAGING_DIR).iterdir()) == []
+    assert list((table / delta_commit.STAGING_DIR).iterdir()) == []
 
 
 def test_error_after_a_landed_commit_keeps_the_files(spark, tmp_path, monkeypatch):
     table = tmp_path / "neighbours"
     delta_io.write_table(neighbours(spark, DAY1, ["a"]), str(table), SPEC)
-    real_commit = delta_io._commit
+    real_commit = delta_commit._commit
 
     def commit_then_fail(*args, **kwargs):
         real_commit(*args, **kwargs)
         raise TimeoutError("lost the reply")
 
-    monkeypatch.setattr(delta_io, "_commit", commit_then_fail)
+    monkeypatch.setattr(delta_commit, "_commit", commit_then_fail)
     day2 = neighbours(spark, DAY2, ["b"])
     with pytest.raises(TimeoutError):
         delta_io.write_table(day2, str(table), SPEC)
@@ -427,7 +427,9 @@ def test_error_after_a_landed_commit_keeps_the_files(spark, tmp_path, monkeypatc
 
 def test_failed_first_write_leaves_no_table(spark, tmp_path, monkeypatch):
     table = tmp_path / "neighbours"
-    monkeypatch.setattr(delta_io, "_commit", lambda *a, **k: (_ for _ in ()).throw(OSError("x")))
+    monkeypatch.setattr(
+        delta_commit, "_commit", lambda *a, **k: (_ for _ in ()).throw(OSError("x"))
+    )
 
     with pytest.raises(OSError):
         delta_io.write_table(neighbours(spark, DAY1, ["a"]), str(table), SPEC)
@@ -531,7 +533,7 @@ def test_input_version_changes_with_data(spark, tmp_path):
 
 
 def test_native_options_for_partition_overwrite():
-    options = delta_io._native_write_options(
+    options = delta_native.native_write_options(
         SPEC, "overwrite", {"run_date": "2026-11-20"}, {"run_id": "r1", "recall": 0.9}
     )
 
@@ -540,8 +542,8 @@ def test_native_options_for_partition_overwrite():
         "replaceWhere": "`run_date` = CAST('2026-11-20' AS date)",
         "userMetadata": '{"recall": 0.9, "run_id": "r1"}',
     }
-    assert delta_io._native_write_options(SPEC, "append", None, None) == {}
-    assert delta_io._native_write_options(SPEC, "overwrite", None, None) == {
+    assert delta_native.native_write_options(SPEC, "append", None, None) == {}
+    assert delta_native.native_write_options(SPEC, "overwrite", None, None) == {
         "partitionOverwriteMode": "static"
     }
 
@@ -559,7 +561,7 @@ def test_native_replace_where_escapes_and_types_each_column():
         partition_by=("city", "day"),
     )
 
-    where = delta_io._replace_where(spec, {"city": "O'Hare\\x", "day": "2026-11-20"})
+    where = delta_native.replace_where(spec, {"city": "O'Hare\\x", "day": "2026-11-20"})
 
     assert where == (
         "`city` = CAST('O\\'Hare\\\\x' AS string) AND `day` = CAST('2026-11-20' AS date)"
@@ -590,7 +592,7 @@ def test_write_table_dispatches_to_native_writer(spark, monkeypatch, tmp_path):
         write = writer
 
     monkeypatch.setattr(delta_io, "has_delta_extension", lambda _spark: True)
-    monkeypatch.setattr(delta_io, "_native_latest_version", lambda _spark, _uri: 7)
+    monkeypatch.setattr(delta_native, "_native_latest_version", lambda _spark, _uri: 7)
 
     version = delta_io.write_table(
         FakeFrame(),

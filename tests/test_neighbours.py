@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from chispa import assert_df_equality
 
-from lib import neighbours
+from lib import neighbours, task_stages
 from lib.schema_check import check_matches
 from schemas import listing_neighbours
 
@@ -97,20 +97,20 @@ def test_task_groups_split_rows_by_part_list_chunk_and_slice_each_by_rid():
     ]
     rids = [5, 7, 2, 1, 3, 4, 6, 9]
     table = pa.table(
-        {name: [key[i] for key in keys] for i, name in enumerate(neighbours.TASK_COLUMNS[:4])}
+        {name: [key[i] for key in keys] for i, name in enumerate(task_stages.TASK_COLUMNS[:4])}
         | {"rid": rids}
     )
 
-    groups = neighbours._task_groups(table)
+    groups = task_stages._task_groups(table)
 
     # Within a task, rows come by rid whatever order they arrived in: the same matrices.
     assert sorted(g.tolist() for g in groups) == [[2, 0], [3], [4, 7], [5], [6, 1]]
 
 
 def test_partitions_come_in_whole_waves_of_the_cores():
-    per = neighbours.ROWS_PER_PARTITION
-    assert neighbours.partitions_for(0, 2) == 2
-    assert neighbours.partitions_for(2 * per, 2) == 2
+    per = task_stages.ROWS_PER_PARTITION
+    assert task_stages.partitions_for(0, 2) == 2
+    assert task_stages.partitions_for(2 * per, 2) == 2
     # 5 partitions' worth of rows on 2 cores: 6, not 5 (the fifth would run alone).
-    assert neighbours.partitions_for(5 * per, 2) == 6
-    assert neighbours.partitions_for(5 * per, 8) == 8
+    assert task_stages.partitions_for(5 * per, 2) == 6
+    assert task_stages.partitions_for(5 * per, 8) == 8

@@ -15,7 +15,7 @@ import pytest
 from deltalake import DeltaTable
 
 from jobs import compute_neighbours
-from lib import delta_io, quality_gate
+from lib import delta_commit, delta_io, quality_gate
 from schemas import listing_embeddings, listing_neighbours
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,7 +230,7 @@ CHILD = textwrap.dedent(
     """
     import pathlib, sys, time
     sys.path.insert(0, {repo!r})
-    from lib import delta_io
+    from lib import delta_commit
     from jobs import compute_neighbours
 
     hook, marker, argv = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3:]
@@ -243,9 +243,9 @@ CHILD = textwrap.dedent(
         return paused
 
     if hook == "before_move":  # Spark has written the new files to the staging folder
-        delta_io._publish = pause_before(delta_io._publish)
+        delta_commit._publish = pause_before(delta_commit._publish)
     elif hook == "before_commit":  # the new files sit in the table's folders, uncommitted
-        delta_io._commit = pause_before(delta_io._commit)
+        delta_commit._commit = pause_before(delta_commit._commit)
     for day in (argv.pop(0).split(",") if hook == "loop" else [None]):
         run_argv = argv if day is None else [*argv, "--run-date", day, "--run-id", "loop-" + day]
         compute_neighbours.main(run_argv)
@@ -308,7 +308,7 @@ def test_publish_killed_mid_write_leaves_the_previous_snapshot(spark, embeddings
     assert not any(p.exists() for p in new_files)
     cleared = stats["vacuumed_files"] + stats["stale_staging_files"]
     assert cleared >= len(new_files)
-    assert list((Path(table) / delta_io.STAGING_DIR).iterdir()) == []
+    assert list((Path(table) / delta_commit.STAGING_DIR).iterdir()) == []
 
 
 @pytest.mark.slow

@@ -1,11 +1,11 @@
 """Listings with identical vectors: well-defined, deterministic neighbour lists, and recall that
 counts a tie as a hit: ties are broken by neighbour_id in every per-block top k
-(``neighbours.top_candidates``/``best_k``), in every merge and in the exact reference."""
+(``block_scoring.top_candidates``/``best_k``), in every merge and in the exact reference."""
 
 import numpy as np
 import pytest
 
-from lib import ann, neighbours
+from lib import ann, block_scoring, neighbours, packing
 
 K = 5
 TWINS = 30  # identical vectors: each has 29 neighbours at score 1, any 5 of them are exact
@@ -73,9 +73,9 @@ def test_tie_order_does_not_depend_on_the_input_partitioning(spark, method):
 def tied_candidates(rng, *, tied: int, others: int, dim: int = 8):
     """A query, ``tied`` copies of it (cosine 1) and ``others`` random unit vectors (cosine well
     below 1), shuffled; with each candidate's key (a listing id's rank: copy i has key i)."""
-    query = neighbours.unit_rows(rng.normal(size=(1, dim)))
-    noise = neighbours.unit_rows(rng.normal(size=(others, dim)))
-    noise = neighbours.unit_rows(noise - 1.5 * query)  # far from the query
+    query = packing.unit_rows(rng.normal(size=(1, dim)))
+    noise = packing.unit_rows(rng.normal(size=(others, dim)))
+    noise = packing.unit_rows(noise - 1.5 * query)  # far from the query
     candidates = np.concatenate([np.repeat(query, tied, axis=0), noise])
     keys = np.arange(len(candidates))
     shuffle = rng.permutation(len(candidates))
@@ -92,7 +92,7 @@ def test_top_candidates_keeps_the_tied_candidates_with_the_smallest_keys(seed, o
     rng = np.random.default_rng(seed)
     query, candidates, keys = tied_candidates(rng, tied=9, others=others)
 
-    qi, ci, scores = neighbours.top_candidates(
+    qi, ci, scores = block_scoring.top_candidates(
         query,
         candidates,
         k=K,
@@ -112,12 +112,12 @@ def test_best_k_keeps_the_tied_candidates_with_the_smallest_keys_best_first(seed
     rng = np.random.default_rng(seed)
     query, candidates, keys = tied_candidates(rng, tied=7, others=20)
     # Two more queries: one with a clear best (no tie to break), one that is the first copy.
-    near = neighbours.unit_rows(candidates[[np.argmax(keys == 20)]] + 1e-3)
+    near = packing.unit_rows(candidates[[np.argmax(keys == 20)]] + 1e-3)
     queries = np.concatenate([query, near, query])
     rids = np.arange(len(candidates))
     query_rids = np.array([-1, -2, rids[keys == 0][0]])
 
-    index, best = neighbours.best_k(
+    index, best = block_scoring.best_k(
         queries,
         candidates,
         k=K,
@@ -136,7 +136,7 @@ def test_without_keys_ties_go_to_the_first_candidates():
     query = np.array([[1.0, 0.0]], np.float32)
     candidates = np.array([[0.0, 1.0]] + [[1.0, 0.0]] * 8, np.float32)
 
-    _, ci, _ = neighbours.top_candidates(
+    _, ci, _ = block_scoring.top_candidates(
         query,
         candidates,
         k=3,
@@ -144,7 +144,7 @@ def test_without_keys_ties_go_to_the_first_candidates():
         query_rids=np.array([-1]),
         candidate_rids=np.arange(9),
     )
-    index, _ = neighbours.best_k(
+    index, _ = block_scoring.best_k(
         query, candidates, k=3, query_rids=np.array([-1]), candidate_rids=np.arange(9)
     )
 
