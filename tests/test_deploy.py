@@ -52,9 +52,14 @@ def option(command: list[str], name: str) -> str | None:
 
 @pytest.mark.parametrize(
     ("master", "kind"),
-    [("local[2]", "local"), ("local[*]", "local"), ("spark://h:7077", "standalone"),
-     ("yarn", "yarn"), ("k8s://https://api:443", "k8s")],
-)  # fmt: skip
+    [
+        ("local[2]", "local"),
+        ("local[*]", "local"),
+        ("spark://h:7077", "standalone"),
+        ("yarn", "yarn"),
+        ("k8s://https://api:443", "k8s"),
+    ],
+)
 def test_master_kind(master, kind):
     assert submit.master_kind(master) == kind
 
@@ -66,10 +71,13 @@ def test_unknown_master_is_refused():
 
 def test_local_submit_uses_this_python_and_no_archive():
     spec = submit.SubmitSpec(
-        master="local[3]", job="/r/jobs/compute_neighbours.py", job_args=("--k", "5"),
-        py_files="/r/dist/listing_similarity.zip", env_archive="/cache/pyenv.zip",
+        master="local[3]",
+        job="/r/jobs/compute_neighbours.py",
+        job_args=("--k", "5"),
+        py_files="/r/dist/listing_similarity.zip",
+        env_archive="/cache/pyenv.zip",
         driver_python="/venv/bin/python",
-    )  # fmt: skip
+    )
     command = submit.build_command(spec)
     conf = conf_of(command)
     assert command[-3:] == ["/r/jobs/compute_neighbours.py", "--k", "5"]
@@ -83,11 +91,14 @@ def test_local_submit_uses_this_python_and_no_archive():
 
 def test_cluster_submit_ships_the_environment_and_trains_on_executors():
     spec = submit.SubmitSpec(
-        master="spark://10.0.0.1:7077", job="/r/jobs/train_embeddings.py",
-        job_args=("--shards", "s", "--out", "m"), py_files="/r/dist/listing_similarity.zip",
-        env_archive="/cache/pyenv-abc.zip", driver_python="/venv/bin/python",
+        master="spark://10.0.0.1:7077",
+        job="/r/jobs/train_embeddings.py",
+        job_args=("--shards", "s", "--out", "m"),
+        py_files="/r/dist/listing_similarity.zip",
+        env_archive="/cache/pyenv-abc.zip",
+        driver_python="/venv/bin/python",
         conf={"spark.cores.max": "8"},
-    )  # fmt: skip
+    )
     command = submit.build_command(spec)
     conf = conf_of(command)
     assert option(command, "--archives") == "/cache/pyenv-abc.zip#env"
@@ -100,9 +111,12 @@ def test_cluster_submit_ships_the_environment_and_trains_on_executors():
 
 def test_cluster_mode_driver_also_uses_the_archive_python():
     spec = submit.SubmitSpec(
-        master="yarn", job="j.py", env_archive="a.zip", deploy_mode="cluster",
+        master="yarn",
+        job="j.py",
+        env_archive="a.zip",
+        deploy_mode="cluster",
         conf={"spark.executor.instances": "3", "spark.executor.cores": "4"},
-    )  # fmt: skip
+    )
     conf = conf_of(submit.build_command(spec))
     assert conf["spark.pyspark.driver.python"] == "./env/bin/python"
     assert conf["spark.sql.shuffle.partitions"] == "24"
@@ -122,9 +136,12 @@ def test_cluster_without_an_environment_is_refused():
         submit.build_command(spec)
     # ... unless a conf names an environment installed on the nodes (a k8s image).
     installed = submit.SubmitSpec(
-        master="k8s://https://api", job="local:///opt/ls/jobs/j.py", py_files=None,
-        deploy_mode="cluster", conf={"spark.pyspark.python": "/opt/venv/bin/python"},
-    )  # fmt: skip
+        master="k8s://https://api",
+        job="local:///opt/ls/jobs/j.py",
+        py_files=None,
+        deploy_mode="cluster",
+        conf={"spark.pyspark.python": "/opt/venv/bin/python"},
+    )
     command = submit.build_command(installed)
     assert "--archives" not in command and "--py-files" not in command
     assert conf_of(command)["spark.pyspark.python"] == "/opt/venv/bin/python"
@@ -146,20 +163,25 @@ def test_delta_flag_adds_package_and_extension():
 
 def test_explicit_conf_wins_over_derived_settings():
     spec = submit.SubmitSpec(
-        master="local[2]", job="j.py",
+        master="local[2]",
+        job="j.py",
         conf={"spark.sql.shuffle.partitions": "3", "spark.pyspark.python": "/other/python"},
-    )  # fmt: skip
+    )
     conf = conf_of(submit.build_command(spec))
     assert conf["spark.sql.shuffle.partitions"] == "3"
     assert conf["spark.pyspark.python"] == "/other/python"
 
 
 def test_submit_environment_follows_the_confs():
-    spec = submit.SubmitSpec(master="spark://h:7077", job="j", env_archive="a.zip",
-                             driver_python="/venv/bin/python")  # fmt: skip
+    spec = submit.SubmitSpec(
+        master="spark://h:7077", job="j", env_archive="a.zip", driver_python="/venv/bin/python"
+    )
     env = submit.submit_environment(spec, {"PYSPARK_PYTHON": "/wrong", "HOME": "/root"})
-    assert env == {"PYSPARK_PYTHON": "./env/bin/python",
-                   "PYSPARK_DRIVER_PYTHON": "/venv/bin/python", "HOME": "/root"}  # fmt: skip
+    assert env == {
+        "PYSPARK_PYTHON": "./env/bin/python",
+        "PYSPARK_DRIVER_PYTHON": "/venv/bin/python",
+        "HOME": "/root",
+    }
 
 
 # --- conf files ------------------------------------------------------------------------------
@@ -204,8 +226,9 @@ def test_every_stage_command_parses_with_its_job(stage):
         pytest.skip(f"{job} is not in this checkout")
     module = importlib.import_module(job.removesuffix(".py").replace("/", "."))
     parsed = module.parse_args(args)
-    run_date = getattr(parsed, "run_date", None) or getattr(getattr(parsed, "params", None),
-                                                            "run_date", None)  # fmt: skip
+    run_date = getattr(parsed, "run_date", None) or getattr(
+        getattr(parsed, "params", None), "run_date", None
+    )
     assert run_date in (None, dt.date(2026, 11, 20))
 
 
@@ -226,8 +249,9 @@ def test_parse_args_stage_and_job(monkeypatch):
     # Without a run key a date's stages share the date's run id (reruns resume training).
     _, b = submit.parse_args(["stage", "shards", *RUN])
     assert b.facts["run_id"] == submit.run_id_for("2026-11-20")
-    spec, _ = submit.parse_args(["--code-root", "local:///opt/ls", "job", "jobs/x.py", "--",
-                                 "--k", "3"])  # fmt: skip
+    spec, _ = submit.parse_args(
+        ["--code-root", "local:///opt/ls", "job", "jobs/x.py", "--", "--k", "3"]
+    )
     assert spec.job == "local:///opt/ls/jobs/x.py" and spec.job_args == ("--k", "3")
     with pytest.raises(SystemExit):
         submit.parse_args(["stage", "deploy-everything", *RUN])
@@ -251,9 +275,16 @@ def test_code_zip_holds_the_three_packages(tmp_path):
 def _fake_venv(root: Path) -> Path:
     venv = root / "venv"
     site = venv / "lib" / "python3.11" / "site-packages"
-    for rel in ("torch/__init__.py", "torch/include/x.h", "pandas/tests/t.py",
-                "pyspark/jars/spark.jar", "pyspark/__init__.py", "__editable__.ls.pth",
-                "listing_similarity-0.1.0.dist-info/METADATA", "torch-2.13.0.dist-info/METADATA"):  # fmt: skip
+    for rel in (
+        "torch/__init__.py",
+        "torch/include/x.h",
+        "pandas/tests/t.py",
+        "pyspark/jars/spark.jar",
+        "pyspark/__init__.py",
+        "__editable__.ls.pth",
+        "listing_similarity-0.1.0.dist-info/METADATA",
+        "torch-2.13.0.dist-info/METADATA",
+    ):
         (site / rel).parent.mkdir(parents=True, exist_ok=True)
         (site / rel).write_text(rel)
     (venv / "bin").mkdir()
@@ -274,8 +305,13 @@ def test_env_archive_leaves_out_what_executors_never_use(tmp_path):
         names = set(z.namelist())
         python_mode = z.getinfo("bin/python").external_attr >> 16
     site = "lib/python3.11/site-packages"
-    assert names == {"bin/python", "pyvenv.cfg", f"{site}/torch/__init__.py",
-                     f"{site}/pyspark/__init__.py", f"{site}/torch-2.13.0.dist-info/METADATA"}  # fmt: skip
+    assert names == {
+        "bin/python",
+        "pyvenv.cfg",
+        f"{site}/torch/__init__.py",
+        f"{site}/pyspark/__init__.py",
+        f"{site}/torch-2.13.0.dist-info/METADATA",
+    }
     assert python_mode & stat.S_IXUSR  # the symlink became the executable it points to
     assert package.build_env_archive(venv, tmp_path / "cache") == (archive, False)
 
@@ -301,17 +337,28 @@ def test_env_archive_needs_a_venv(tmp_path):
 
 
 def test_dag_runs_every_stage_then_gate_then_record():
-    assert dag_tasks.TASKS == ("shards", "train", "embeddings", "neighbours", "evaluate",
-                               "evaluation_gate", "record_run")  # fmt: skip
+    assert dag_tasks.TASKS == (
+        "shards",
+        "train",
+        "embeddings",
+        "neighbours",
+        "evaluate",
+        "evaluation_gate",
+        "record_run",
+    )
     assert dag_tasks.EDGES[0] == ("shards", "train")
     assert dag_tasks.EDGES[-1] == ("evaluation_gate", "record_run")
     assert set(dag_tasks.SPARK_STAGES) | {"record"} == set(submit.STAGES)
 
 
 def test_dag_commands_submit_through_the_wrapper():
-    settings = dag_tasks.Settings(project="/opt/ls", python="/opt/ls/.venv/bin/python",
-                                  root="/data/ls", master="yarn",
-                                  submit_flags=("--env-archive", "/opt/ls/env.zip"))  # fmt: skip
+    settings = dag_tasks.Settings(
+        project="/opt/ls",
+        python="/opt/ls/.venv/bin/python",
+        root="/data/ls",
+        master="yarn",
+        submit_flags=("--env-archive", "/opt/ls/env.zip"),
+    )
     train = dag_tasks.command(settings, "train")
     assert train.startswith("/opt/ls/.venv/bin/python /opt/ls/deploy/submit.py --master yarn")
     assert "--env-archive /opt/ls/env.zip stage train --run-key '{{ run_id }}'" in train
@@ -326,10 +373,13 @@ def test_dag_commands_submit_through_the_wrapper():
 
 def test_dag_settings_from_environment():
     settings = dag_tasks.settings_from_env(
-        {"LISTING_SIMILARITY_HOME": "/opt/ls", "LISTING_SIMILARITY_SUBMIT_FLAGS": "--delta -v",
-         "LISTING_SIMILARITY_GATE_RULES": "model.x > 0.1; model.y >= 1",
-         "LISTING_SIMILARITY_FLAGS_NEIGHBOURS": "--nprobe 32"}
-    )  # fmt: skip
+        {
+            "LISTING_SIMILARITY_HOME": "/opt/ls",
+            "LISTING_SIMILARITY_SUBMIT_FLAGS": "--delta -v",
+            "LISTING_SIMILARITY_GATE_RULES": "model.x > 0.1; model.y >= 1",
+            "LISTING_SIMILARITY_FLAGS_NEIGHBOURS": "--nprobe 32",
+        }
+    )
     assert settings.python == "/opt/ls/.venv/bin/python"
     assert settings.submit_flags == ("--delta", "-v")
     assert settings.gate_rules == ("model.x > 0.1", "model.y >= 1")
@@ -348,8 +398,13 @@ def test_dag_shell_commands_parse_back_into_the_stage_flags():
         .replace("{{ ds }}", "2026-11-20")
         .replace("{{ run_id }}", "scheduled__2026-11-20T02:30:00+00:00")
     )
-    for name, value in (("k", 9), ("epochs", 1), ("dim", 16), ("num_processes", 2),
-                        ("batch_size", 64)):  # fmt: skip
+    for name, value in (
+        ("k", 9),
+        ("epochs", 1),
+        ("dim", 16),
+        ("num_processes", 2),
+        ("batch_size", 64),
+    ):
         rendered = rendered.replace(f"{{{{ params.{name} }}}}", str(value))
     argv = shlex.split(rendered)[2:]
     spec, a = submit.parse_args(argv)
@@ -360,8 +415,10 @@ def test_dag_shell_commands_parse_back_into_the_stage_flags():
 
 # --- evaluation gate and record_run ------------------------------------------------------------
 
-METRICS = {"model": {"hit_rate_at_10": 0.3, "full_lists_at_10": 1.0, "pairs": 500},
-           "popularity": {"hit_rate_at_10": 0.1, "full_lists_at_10": 1.0}}  # fmt: skip
+METRICS = {
+    "model": {"hit_rate_at_10": 0.3, "full_lists_at_10": 1.0, "pairs": 500},
+    "popularity": {"hit_rate_at_10": 0.1, "full_lists_at_10": 1.0},
+}
 
 
 def test_gate_rules():
@@ -384,12 +441,28 @@ def test_gate_writes_its_verdict_and_fails_the_task(tmp_path, capsys):
     path = evaluation_gate.metrics_path(str(tmp_path), day)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"metrics": METRICS}))
-    evaluation_gate.main(["--root", str(tmp_path), "--run-date", "2026-11-20",
-                       "--rule", "model.hit_rate_at_10 >= 0.2"])  # fmt: skip
+    evaluation_gate.main(
+        [
+            "--root",
+            str(tmp_path),
+            "--run-date",
+            "2026-11-20",
+            "--rule",
+            "model.hit_rate_at_10 >= 0.2",
+        ]
+    )
     assert json.loads((path.parent / "evaluation_gate.json").read_text())["passed"] is True
     with pytest.raises(SystemExit) as exit_:
-        evaluation_gate.main(["--root", str(tmp_path), "--run-date", "2026-11-20",
-                           "--rule", "model.hit_rate_at_10 >= 0.5"])  # fmt: skip
+        evaluation_gate.main(
+            [
+                "--root",
+                str(tmp_path),
+                "--run-date",
+                "2026-11-20",
+                "--rule",
+                "model.hit_rate_at_10 >= 0.5",
+            ]
+        )
     assert exit_.value.code == 1
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["passed"] is False
 
@@ -400,12 +473,29 @@ def test_record_run_collects_a_failed_run(tmp_path):
     day = dt.date(2026, 11, 20)
     shards = Path(layout.shards(day))
     shards.mkdir(parents=True)
-    (shards / "manifest.json").write_text(json.dumps(
-        {"counts": {"events_kept": 10, "note": "x"}, "input_versions": {"listings": 3},
-         "seconds": 4.5}))  # fmt: skip
-    args = record_run.parse_args(["--root", str(tmp_path), "--run-date", "2026-11-20",
-                                  "--run-id", "abc", "--model-version", "20261120-abc",
-                                  "--parameters", '{"k": 20}'])  # fmt: skip
+    (shards / "manifest.json").write_text(
+        json.dumps(
+            {
+                "counts": {"events_kept": 10, "note": "x"},
+                "input_versions": {"listings": 3},
+                "seconds": 4.5,
+            }
+        )
+    )
+    args = record_run.parse_args(
+        [
+            "--root",
+            str(tmp_path),
+            "--run-date",
+            "2026-11-20",
+            "--run-id",
+            "abc",
+            "--model-version",
+            "20261120-abc",
+            "--parameters",
+            '{"k": 20}',
+        ]
+    )
     record = record_run.collect(args)
     assert record.status == "failed"
     assert record.counts == {"events_kept": 10} and record.input_versions == {"listings": "3"}

@@ -23,10 +23,24 @@ def finished_run(spark, tmp_path_factory):
     generate_sample_data.run(
         None,
         generate_sample_data.parse_args(
-            ["--out", f"{root}/inputs", "--listings", "400", "--users", "300",
-             "--events", "12000", "--days", "30", "--end-date", "2026-11-21", "--seed", "3"]
+            [
+                "--out",
+                f"{root}/inputs",
+                "--listings",
+                "400",
+                "--users",
+                "300",
+                "--events",
+                "12000",
+                "--days",
+                "30",
+                "--end-date",
+                "2026-11-21",
+                "--seed",
+                "3",
+            ]
         ),
-    )  # fmt: skip
+    )
     result = pipeline.run(
         spark,
         pipeline.parse_args(
