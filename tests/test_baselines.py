@@ -10,20 +10,53 @@ from lib.shards import weight_interactions
 from schemas import interactions, training_examples
 
 RUN_DATE = dt.date(2026, 11, 20)
-CODES = training_examples.CATEGORICAL_CODES
-DENSE = training_examples.DENSE_FEATURES
-CARDINALITIES = {c: 4 for c in CODES}
+# An encoding as ``lib.features.fit_feature_encoding`` returns it for a car catalogue: single
+# codes (two categoricals, a price bucket, a geo cell), z-scores, no token features.
+ENCODING = {
+    "version": 2,
+    "spec": {
+        "features": [
+            {"column": "make", "kind": "categorical"},
+            {"column": "body_type", "kind": "categorical"},
+            {"column": "price_eur", "kind": "numeric", "log": True},
+            {"kind": "geo"},
+        ]
+    },
+    "codes": [
+        {"name": "make", "source": "make", "kind": "categorical", "vocabulary": ["VW", "BMW", "X"]},
+        {"name": "body_type", "source": "body_type", "kind": "categorical", "vocabulary": ["a"]},
+        {"name": "price_eur_bucket", "source": "price_eur", "kind": "bucket", "bounds": [1, 2]},
+        {
+            "name": "geo_cell",
+            "source": "geo",
+            "kind": "geo_cell",
+            "cell_degrees": 0.5,
+            "vocabulary": ["0:0", "0:1", "1:1"],
+        },
+    ],
+    "dense": [
+        {"name": "price_eur_norm", "source": "price_eur", "log": True, "mean": 0.0, "std": 1.0},
+        {"name": "latitude_norm", "source": "latitude", "log": False, "mean": 0.0, "std": 1.0},
+        {"name": "longitude_norm", "source": "longitude", "log": False, "mean": 0.0, "std": 1.0},
+    ],
+    "tokens": [],
+}
+MAKE, PRICE, LAT = 0, 2, 1  # positions in codes, codes and dense
+
+
+def encoded(make: int = 0, price: int = 0, lat: float = 0.0) -> tuple[list[int], list[float]]:
+    """A listing's codes and dense values: the given make, price bucket and latitude z-score."""
+    codes, dense = [0] * len(ENCODING["codes"]), [0.0] * len(ENCODING["dense"])
+    codes[MAKE], codes[PRICE], dense[LAT] = make, price, lat
+    return codes, dense
 
 
 def features(spark, rows):
-    """rows: (idx, id, active, has_interactions, make_code, price_bucket, lat_norm)."""
-    data = []
-    for idx, lid, active, seen, make, price, lat in rows:
-        codes = {c: 0 for c in CODES} | {"make_code": make, "price_bucket": price}
-        dense = {d: 0.0 for d in DENSE} | {"lat_norm": lat}
-        data.append(
-            (idx, lid, active, seen, *[codes[c] for c in CODES], *[dense[d] for d in DENSE])
-        )
+    """rows: (idx, id, active, has_interactions, make code, price bucket, latitude z-score)."""
+    data = [
+        (idx, lid, active, seen, *encoded(make, price, lat), [])
+        for idx, lid, active, seen, make, price, lat in rows
+    ]
     return spark.createDataFrame(data, training_examples.LISTING_FEATURES_SCHEMA)
 
 
@@ -47,10 +80,17 @@ def examples(spark, catalogue):
     """Decayed weights exactly as the shard stage computes them."""
     ts = dt.datetime(2026, 11, 18, 12)
     events = [
-        ("u1", "A", "contact"), ("u1", "B", "contact"), ("u2", "A", "view"), ("u2", "B", "view"),
-        ("u2", "C", "view"), ("u3", "C", "contact"), ("u3", "D", "contact"), ("u4", "D", "view"),
-        ("u4", "OLD", "view"), ("u5", "A", "view"),
-    ]  # fmt: skip
+        ("u1", "A", "contact"),
+        ("u1", "B", "contact"),
+        ("u2", "A", "view"),
+        ("u2", "B", "view"),
+        ("u2", "C", "view"),
+        ("u3", "C", "contact"),
+        ("u3", "D", "contact"),
+        ("u4", "D", "view"),
+        ("u4", "OLD", "view"),
+        ("u5", "A", "view"),
+    ]
     df = spark.createDataFrame(
         [(u, lid, kind, ts, None, None, ts.date()) for u, lid, kind in events], interactions.SCHEMA
     )
@@ -80,12 +120,27 @@ def test_popularity_same_list_for_everyone_without_self(spark, catalogue, exampl
 
 
 def test_content_vector_is_a_mean_of_per_feature_similarities():
-    blocks = baselines._content_block_sizes(CARDINALITIES)
-    base = {c: 0 for c in CODES} | {d: 0.0 for d in DENSE}
-    a = baselines.content_vector(base | {"make_code": 1, "lat_norm": 0.0}, blocks)
-    same = baselines.content_vector(base | {"make_code": 1, "lat_norm": 0.0}, blocks)
-    other = baselines.content_vector(base | {"make_code": 2, "lat_norm": 0.0}, blocks)
-    far = baselines.content_vector(base | {"make_code": 1, "lat_norm": 3.0}, blocks)
+    blocks = baselines.content_blocks(ENCODING)
+    # One block per categorical, geo cell and z-score; the price bucket is left out.
+    assert [b.name for b in blocks] == [
+        "make",
+        "body_type",
+        "geo_cell",
+        "price_eur_norm",
+        "latitude_norm",
+        "longitude_norm",
+    ]
+
+    def vector(**values):
+        codes, dense = encoded(**values)
+        return baselines.content_matrix(
+            np.array([codes]), np.array([dense], np.float32), np.zeros((1, 0), np.int64), blocks
+        )[0]
+
+    a = vector(make=1, lat=0.0)
+    same = vector(make=1, lat=0.0)
+    other = vector(make=2, lat=0.0)
+    far = vector(make=1, lat=3.0)
 
     def cosine(x, y):
         return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
@@ -94,12 +149,12 @@ def test_content_vector_is_a_mean_of_per_feature_similarities():
     assert cosine(a, far) < cosine(a, same)
     assert cosine(a, other) < cosine(a, same)
     # An unknown code (0) contributes nothing rather than matching other unknowns.
-    unknown = baselines.content_vector(base, blocks)
+    unknown = vector()
     assert cosine(unknown, a) < 1.0
 
 
 def test_content_neighbours_place_cold_listings_by_features(spark, catalogue):
-    got = lists_of(baselines.content_neighbours(catalogue, CARDINALITIES, k=2))
+    got = lists_of(baselines.content_neighbours(catalogue, ENCODING, k=2))
     assert set(got["NEW"]) == {"C", "D"}
     assert got["A"][0] == "B"
     assert "OLD" not in {n for ns in got.values() for n in ns}

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobs import build_training_shards
+from lib import car_marketplace, feature_spec, features
 from lib.parquet_io import read_parquet
 from lib.schema_check import SchemaError
 from schemas import training_examples
@@ -25,8 +26,10 @@ LISTINGS_DDL = (
 
 
 def listing(listing_id, make="VW", price=10_000.0, active=True):
-    return (listing_id, make, f"{make}-x", "hatchback", "petrol", "manual", "red", 2019,
-            60_000, price, 80, 52.5, 13.4, "Berlin", "d1", active)  # fmt: skip
+    return (
+        *(listing_id, make, f"{make}-x", "hatchback", "petrol", "manual", "red"),
+        *(2019, 60_000, price, 80, 52.5, 13.4, "Berlin", "d1", active),
+    )
 
 
 def event(user, listing_id, day=19, kind="view", when=None):
@@ -44,9 +47,13 @@ def good_listings():
     return [listing("L1"), listing("L2", "BMW", 30_000.0), listing("L3"), listing("L4")]
 
 
-def write_inputs(spark, root: Path, events, listings_rows, *, events_ddl=EVENTS_DDL,
-                 listings_ddl=LISTINGS_DDL) -> tuple[str, str]:  # fmt: skip
+def write_inputs(
+    spark, root: Path, events, listings_rows, *, events_ddl=EVENTS_DDL, listings_ddl=LISTINGS_DDL
+) -> tuple[str, str]:
+    """The two input tables under ``root``, and beside them the car marketplace's spec."""
     events_path, listings_path = str(root / "interactions"), str(root / "listings")
+    root.mkdir(parents=True, exist_ok=True)
+    feature_spec.write(car_marketplace.FEATURE_SPEC, root / "feature_spec.json")
     spark.createDataFrame(events, events_ddl).write.mode("overwrite").partitionBy(
         "event_date"
     ).parquet(events_path)
@@ -57,10 +64,14 @@ def write_inputs(spark, root: Path, events, listings_rows, *, events_ddl=EVENTS_
 
 
 def run_stage(spark, events_path, listings_path, out, *extra):
+    spec = Path(listings_path).parent / "feature_spec.json"
     args = build_training_shards.parse_args(
-        ["--interactions", events_path, "--listings", listings_path, "--out", str(out),
-         "--run-date", RUN_DATE, "--holdout-days", "1", "--num-files", "2", *extra]
-    )  # fmt: skip
+        [
+            *("--interactions", events_path, "--listings", listings_path, "--out", str(out)),
+            *("--run-date", RUN_DATE, "--holdout-days", "1", "--num-files", "2"),
+            *("--feature-spec", str(spec), *extra),
+        ]
+    )
     return build_training_shards.run(spark, args)
 
 
@@ -158,7 +169,17 @@ def test_shards_manifest_counts_and_files(spark, tmp_path):
     assert counts["training_examples"] == 9  # 3 users × 3 listings from day 17
     assert counts["cold_listings"] == 1  # L4: active, never interacted with
     assert len(manifest["train_files"]) <= 2
-    assert set(manifest["cardinalities"]) == set(training_examples.CATEGORICAL_CODES)
+    # The car spec's single codes in the tower's order: categoricals, buckets, the geo cell.
+    assert [name for name, _ in manifest["cardinalities"]] == [
+        *("make", "model", "body_type", "fuel_type", "transmission", "colour"),
+        *("year_bucket", "mileage_km_bucket", "price_eur_bucket", "power_kw_bucket", "geo_cell"),
+    ]
+    assert dict(manifest["cardinalities"]) == features.cardinalities(manifest["encodings"])
+    assert dict(manifest["cardinalities"])["make"] == 3  # VW, BMW and the unknown code
+    assert manifest["dense_features"] == features.dense_names(manifest["encodings"])
+    assert manifest["token_fields"] == []
+    assert feature_spec.from_dict(manifest["feature_spec"]) == car_marketplace.FEATURE_SPEC
+    assert manifest["listing_features_version"] == training_examples.LISTING_FEATURES_SPEC.version
     steps = manifest["step_seconds"]
     assert set(steps) == {
         "tag_events",

@@ -128,17 +128,25 @@ CATALOGUE = [
     (5, "OLD", False, True),
     (6, "NEW", True, False),
 ]
-USERS = {1: [0, 1], 2: [0, 1, 2], 3: [2, 3], 4: [3, 4, 5], 5: [0, 4], 6: [1, 2, 3], 7: [0],
-         8: [4, 5], 9: [1, 3, 4]}  # fmt: skip
+USERS = {
+    1: [0, 1],
+    2: [0, 1, 2],
+    3: [2, 3],
+    4: [3, 4, 5],
+    5: [0, 4],
+    6: [1, 2, 3],
+    7: [0],
+    8: [4, 5],
+    9: [1, 3, 4],
+}
 WARM = 5  # A..E: the active listings with interactions, listing_idx = dense index
 
 
 @pytest.fixture(scope="module")
 def catalogue(spark):
-    codes = [0] * len(training_examples.CATEGORICAL_CODES)
-    dense = [0.0] * len(training_examples.DENSE_FEATURES)
+    # A catalogue without features: EASE reads only ids and activity.
     return spark.createDataFrame(
-        [(*row, *codes, *dense) for row in CATALOGUE], training_examples.LISTING_FEATURES_SCHEMA
+        [(*row, [], [], []) for row in CATALOGUE], training_examples.LISTING_FEATURES_SCHEMA
     )
 
 

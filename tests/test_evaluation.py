@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pyspark.sql import types as T
 
-from lib import evaluation
-from schemas import listings as listings_schema
+from lib import evaluation, feature_spec, features
+from lib.feature_spec import from_dict
 from schemas import training_examples
 
 T0 = dt.datetime(2026, 11, 19, 10, 0)
@@ -21,6 +21,29 @@ FEATURES = T.StructType(
         T.StructField("has_interactions", T.BooleanType()),
     ]
 )
+
+
+# Two categorical features, a numeric one and the coordinates: every coherence metric.
+SPEC = from_dict(
+    {
+        "features": [
+            {"column": "make", "kind": "categorical"},
+            {"column": "body_type", "kind": "categorical"},
+            {"column": "price_eur", "kind": "numeric"},
+            {"kind": "geo"},
+        ],
+        "display": ["make", "body_type", "price_eur", "city"],
+    }
+)
+CONTRACT = feature_spec.listings_table_spec(SPEC)
+
+
+def snapshot_of(spark, rows):
+    """The listings snapshot for ``SPEC``: dicts of the given columns, the others null."""
+    names = CONTRACT.schema.fieldNames()
+    return spark.createDataFrame(
+        [{**dict.fromkeys(names), "is_active": True, **row} for row in rows], CONTRACT.schema
+    )
 
 
 def holdout(spark, rows):
@@ -147,28 +170,59 @@ def test_coherence_metrics(spark):
         ("B", "VW", "suv", 20_000.0, 52.0, 13.0),
         ("C", "BMW", None, 10_000.0, 53.0, 13.0),
     ]
-    snapshot = spark.createDataFrame(
+    snapshot = snapshot_of(
+        spark,
         [
             {
-                **dict.fromkeys(listings_schema.SCHEMA.fieldNames()),
                 "listing_id": i,
                 "make": m,
                 "body_type": b,
                 "price_eur": p,
                 "latitude": la,
                 "longitude": lo,
-                "is_active": True,
             }
             for i, m, b, p, la, lo in rows
         ],
-        listings_schema.SCHEMA,
     )
     neighbours = lists(spark, [("m", "A", "B", 1, 1.0), ("m", "A", "C", 2, 0.5)])
-    got = metric_dict(evaluation.coherence_metrics(neighbours, snapshot, k=2))
+    got = metric_dict(evaluation.coherence_metrics(neighbours, snapshot, SPEC, k=2))
+    assert set(got) == {
+        ("m", "same_make_share"),
+        ("m", "same_body_type_share"),
+        ("m", "median_price_eur_ratio"),
+        ("m", "median_distance_km"),
+    }
     assert got[("m", "same_make_share")] == pytest.approx(0.5)
-    assert got[("m", "same_body_share")] == pytest.approx(1.0)  # C has no body type: not counted
-    assert got[("m", "median_price_ratio")] in (pytest.approx(1.0), pytest.approx(2.0))
+    # C has no body type: not counted.
+    assert got[("m", "same_body_type_share")] == pytest.approx(1.0)
+    assert got[("m", "median_price_eur_ratio")] in (pytest.approx(1.0), pytest.approx(2.0))
     assert got[("m", "median_distance_km")] in (pytest.approx(0.0), pytest.approx(111.2, abs=0.5))
+
+
+def test_coherence_metrics_follow_the_spec(spark):
+    snapshot = snapshot_of(
+        spark,
+        [
+            {"listing_id": "A", "make": "VW", "body_type": "suv", "price_eur": 1.0},
+            {"listing_id": "B", "make": "VW", "body_type": "van", "price_eur": 4.0},
+        ],
+    )
+    neighbours = lists(spark, [("m", "A", "B", 1, 1.0)])
+    # Only the first numeric feature and no geo: one ratio, no distance.
+    numeric = from_dict({"features": [{"column": "price_eur", "kind": "numeric"}]})
+    got = metric_dict(evaluation.coherence_metrics(neighbours, snapshot, numeric, k=1))
+    assert got == {("m", "median_price_eur_ratio"): pytest.approx(4.0)}
+    # The categorical feature declared second is the second one compared.
+    swapped = from_dict(
+        {
+            "features": [
+                {"column": "body_type", "kind": "categorical"},
+                {"column": "make", "kind": "categorical"},
+            ]
+        }
+    )
+    got = metric_dict(evaluation.coherence_metrics(neighbours, snapshot, swapped, k=1))
+    assert got == {("m", "same_body_type_share"): 0.0, ("m", "same_make_share"): 1.0}
 
 
 def test_stability_against_previous_run(spark):
@@ -224,17 +278,7 @@ def test_evaluate_lists_scores_every_method_on_the_same_pairs(spark):
     popularity = spark.createDataFrame(
         [("A", 3.0), ("B", 1.0)], "listing_id string, popularity double"
     )
-    snapshot = spark.createDataFrame(
-        [
-            {
-                **dict.fromkeys(listings_schema.SCHEMA.fieldNames()),
-                "listing_id": x,
-                "is_active": True,
-            }
-            for x in "ABC"
-        ],
-        listings_schema.SCHEMA,
-    )
+    snapshot = snapshot_of(spark, [{"listing_id": x} for x in "ABC"])
     plain = "listing_id string, neighbour_id string, rank int, score float"
     found = evaluation.collect_metrics(
         evaluation.evaluate_lists(
@@ -246,6 +290,7 @@ def test_evaluate_lists_scores_every_method_on_the_same_pairs(spark):
             listing_features=features,
             popularity=popularity,
             snapshot=snapshot,
+            spec=SPEC,
         )
     )
     assert found["good"]["hit_rate_at_10_warm"] == 1.0
@@ -265,10 +310,10 @@ def test_evaluate_job_writes_metrics_and_report(spark, tmp_path):
 
     ids = [f"L{i}" for i in range(8)]
     cold = {"L7"}
-    snapshot = spark.createDataFrame(
+    snapshot = snapshot_of(
+        spark,
         [
             {
-                **dict.fromkeys(listings_schema.SCHEMA.fieldNames()),
                 "listing_id": lid,
                 "make": "VW" if i % 2 else "BMW",
                 "body_type": "suv",
@@ -276,29 +321,20 @@ def test_evaluate_job_writes_metrics_and_report(spark, tmp_path):
                 "latitude": 52.0 + i / 100,
                 "longitude": 13.0,
                 "city": "Berlin",
-                "is_active": True,
             }
             for i, lid in enumerate(ids)
         ],
-        listings_schema.SCHEMA,
     )
-    write_parquet(snapshot, tmp_path / "inputs" / "listings", listings_schema.SPEC)
-    codes = {c: 0 for c in training_examples.CATEGORICAL_CODES}
-    dense = [0.0] * len(training_examples.DENSE_FEATURES)
-    feature_rows = [
-        (
-            i,
-            lid,
-            True,
-            lid not in cold,
-            *[(i % 2) + 1 if c == "make_code" else v for c, v in codes.items()],
-            *dense,
-        )
-        for i, lid in enumerate(ids)
-    ]
+    write_parquet(snapshot, tmp_path / "inputs" / "listings", CONTRACT)
+    # The shard stage's encoding of that snapshot, the listing_idx in id order.
+    encoding = features.fit_feature_encoding(snapshot, SPEC)
+    vocab = spark.createDataFrame(list(zip(ids, range(8), strict=True)), "id string, idx int")
+    encoded = features.encode_listing_features(snapshot, vocab, encoding).orderBy("listing_idx")
+    # has_interactions is the fourth column: False for the cold listing.
+    feature_rows = [(*r[:3], r.listing_id not in cold, *r[4:]) for r in encoded.collect()]
     shards = tmp_path / "work" / "2026-11-20" / "shards"
-    features = spark.createDataFrame(feature_rows, training_examples.LISTING_FEATURES_SCHEMA)
-    write_parquet(features, shards / "listing_features", training_examples.LISTING_FEATURES_SPEC)
+    catalogue = spark.createDataFrame(feature_rows, training_examples.LISTING_FEATURES_SCHEMA)
+    write_parquet(catalogue, shards / "listing_features", training_examples.LISTING_FEATURES_SPEC)
     train = [(u, i, 1.0, -2.0) for u in range(6) for i in (u, u + 1)]
     examples = spark.createDataFrame(train, training_examples.SCHEMA)
     for name in ("train", "train_full"):
@@ -323,11 +359,18 @@ def test_evaluate_job_writes_metrics_and_report(spark, tmp_path):
     )
     for name in ("cointeraction_fit", "cointeraction_full"):
         write_parquet(
-            cointeraction.cointeraction_table(examples, features),
+            cointeraction.cointeraction_table(examples, catalogue),
             shards / name,
             training_examples.COINTERACTION_SPEC,
         )
-    write_json(shards / "manifest.json", {"cardinalities": {c: 3 for c in codes}})
+    write_json(
+        shards / "manifest.json",
+        {
+            "feature_spec": SPEC.to_dict(),
+            "cardinalities": [[n, size] for n, size in features.cardinalities(encoding).items()],
+            "encodings": encoding,
+        },
+    )
     chosen = {
         "itemknn": Variant("itemknn", shrink=10.0).to_dict(),
         "rp3beta": Variant("rp3beta", alpha=0.5, beta=0.3).to_dict(),

@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from lib import feature_spec
 from lib.delta_io import read_input
 from lib.model import TwoTowerModel
 from lib.sample_data import MarketplaceSize, generate_marketplace, haversine_km, write_marketplace
 from lib.shard_writer import ShardParams, write_shards
 from lib.training import TrainParams, load_artifact, model_config, read_manifest, train_worker
-from schemas import interactions, listings
-from schemas.training_examples import CATEGORICAL_CODES, DENSE_FEATURES
+from schemas import interactions
 
 pytestmark = pytest.mark.slow
 
@@ -49,12 +49,15 @@ def world(spark, tmp_path_factory) -> World:
     size = MarketplaceSize(n_listings=1500, n_users=2500, n_events=90_000, days=30)
     market = generate_marketplace(size, RUN_DATE + dt.timedelta(days=1), seed=3)
     paths = write_marketplace(market, str(root / "inputs"))
+    # The car features the generator declares beside its listings.
+    spec = feature_spec.read(paths["feature_spec"])
     write_shards(
         spark,
         read_input(spark, paths["interactions"], interactions.SPEC),
-        read_input(spark, paths["listings"], listings.SPEC),
+        read_input(spark, paths["listings"], feature_spec.listings_table_spec(spec)),
         str(root / "shards"),
         ShardParams(run_date=RUN_DATE, lookback_days=30, num_files=4),
+        spec=spec,
     )
     params = TrainParams(
         shards_dir=str(root / "shards"),
@@ -94,8 +97,11 @@ def _listings(root: Path, paths: dict) -> pd.DataFrame:
 
 def embed(model: TwoTowerModel, frame: pd.DataFrame, *, use_features: bool = True) -> np.ndarray:
     """Listing vectors as the embeddings job computes them (cold listings without their id)."""
-    codes = torch.as_tensor(frame[list(CATEGORICAL_CODES)].to_numpy(np.int64))
-    dense = torch.as_tensor(frame[list(DENSE_FEATURES)].to_numpy(np.float32))
+    # The single codes, then the token slots, as the listing tower reads them.
+    codes = torch.as_tensor(
+        np.hstack([np.stack(frame["codes"]), np.stack(frame["tokens"])]).astype(np.int64)
+    )
+    dense = torch.as_tensor(np.stack(frame["dense"]).astype(np.float32))
     if not use_features:
         codes, dense = torch.zeros_like(codes), torch.zeros_like(dense)
     with torch.inference_mode():

@@ -18,9 +18,11 @@ from pyspark.sql import Row, Window
 from pyspark.sql import functions as F
 
 from lib import baselines, evaluation, features, shards
+from lib.car_marketplace import FEATURE_SPEC
+from lib.feature_spec import listings_table_spec
 from lib.ordering import sorted_positions
 from lib.session import sql_conf
-from schemas import interactions, listings
+from schemas import interactions
 
 RUN_DATE = dt.date(2026, 11, 20)
 PARTITION_COUNTS = (1, 3, 8, 40)
@@ -277,25 +279,24 @@ def test_the_checks_see_a_global_window(spark):
 def marketplace(spark, *, listings_count=40, users=30, seed=1):
     rng = random.Random(seed)
     catalogue = [
-        Row(
-            listing_id=f"L{i:03d}",
-            make=rng.choice(["VW", "BMW", "Audi"]),
-            model="m",
-            body_type="hatchback",
-            fuel_type="petrol",
-            transmission="manual",
-            colour="black",
-            year=2015 + i % 8,
-            mileage_km=10_000 * (1 + i % 9),
-            price_eur=5_000.0 + 250 * i,
-            power_kw=60 + i,
-            latitude=52.0 + i / 100,
-            longitude=13.0 + i / 100,
-            city="Berlin",
-            dealer_id=f"d{i % 3}",
-            is_active=i % 7 != 0,
-            created_date=dt.date(2026, 1, 1),
-        )
+        {
+            "listing_id": f"L{i:03d}",
+            "make": rng.choice(["VW", "BMW", "Audi"]),
+            "model": "m",
+            "body_type": "hatchback",
+            "fuel_type": "petrol",
+            "transmission": "manual",
+            "colour": "black",
+            "year": 2015.0 + i % 8,
+            "mileage_km": 10_000.0 * (1 + i % 9),
+            "price_eur": 5_000.0 + 250 * i,
+            "power_kw": 60.0 + i,
+            "latitude": 52.0 + i / 100,
+            "longitude": 13.0 + i / 100,
+            "city": "Berlin",
+            "is_active": i % 7 != 0,
+            "created_date": dt.date(2026, 1, 1),
+        }
         for i in range(listings_count)
     ]
     events = []
@@ -313,7 +314,8 @@ def marketplace(spark, *, listings_count=40, users=30, seed=1):
                 event_date=day,
             )
         )
-    snapshot = spark.createDataFrame(catalogue, listings.SCHEMA).repartition(3)
+    snapshot = spark.createDataFrame(catalogue, listings_table_spec(FEATURE_SPEC).schema)
+    snapshot = snapshot.repartition(3)
     return spark.createDataFrame(events, interactions.SCHEMA).repartition(4), snapshot
 
 
@@ -352,7 +354,7 @@ def test_no_plan_moves_all_rows_into_one_partition(spark, broadcast_listings):
             num_files=3,
             seed=7,
         )
-        encoding = features.fit_feature_encoding(snapshot, run_date=RUN_DATE)
+        encoding = features.fit_feature_encoding(snapshot, FEATURE_SPEC)
         encoded = features.encode_listing_features(snapshot, listing_vocab, encoding)
         listing_features = shards.mark_listings_with_interactions(encoded, examples)
         popularity = baselines.listing_popularity(examples, listing_features)

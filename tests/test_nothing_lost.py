@@ -13,17 +13,20 @@ from pyspark.sql import functions as F
 
 from jobs import build_training_shards, compute_neighbours, pipeline
 from lib import delta_io, shards, sufficiency
+from lib.car_marketplace import FEATURE_SPEC
+from lib.feature_spec import listings_table_spec
 from lib.parquet_io import read_parquet
 from lib.paths import Layout
 from lib.schema_check import SchemaError
 from lib.shard_writer import BOT_WARNING_SHARE, ShardParams, write_shards
-from schemas import interactions, listings, training_examples
+from schemas import interactions, training_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # deploy/ is not installed
 
 from deploy import evaluation_gate, record_run
 
 RUN_DATE = dt.date(2026, 11, 20)
+CAR_LISTINGS = listings_table_spec(FEATURE_SPEC)
 
 
 # --- 1. every shard and search flag reaches its stage from `listing-similarity run` -------------
@@ -70,25 +73,25 @@ def test_run_defaults_are_the_stages_own_and_bad_weights_fail_early():
 
 
 def _listing(listing_id):
-    return (
-        listing_id,
-        "VW",
-        "Golf",
-        "hatchback",
-        "petrol",
-        "manual",
-        "red",
-        2019,
-        60_000,
-        10_000.0,
-        80,
-        52.5,
-        13.4,
-        "Berlin",
-        "d1",
-        True,
-        dt.date(2026, 1, 1),
-    )
+    """A car listing under the generated marketplace's contract (``CAR_LISTINGS``)."""
+    return {
+        "listing_id": listing_id,
+        "make": "VW",
+        "model": "Golf",
+        "body_type": "hatchback",
+        "fuel_type": "petrol",
+        "transmission": "manual",
+        "colour": "red",
+        "year": 2019.0,
+        "mileage_km": 60_000.0,
+        "price_eur": 10_000.0,
+        "power_kw": 80.0,
+        "latitude": 52.5,
+        "longitude": 13.4,
+        "city": "Berlin",
+        "is_active": True,
+        "created_date": dt.date(2026, 1, 1),
+    }
 
 
 def _event(user, listing_id, when, kind="view"):
@@ -126,9 +129,9 @@ def _write(spark, tmp_path, name, ceiling):
         num_files=1,
     )
     events = spark.createDataFrame(EVENTS, interactions.SCHEMA)
-    snapshot = spark.createDataFrame([_listing(f"L{i}") for i in (1, 2, 3)], listings.SCHEMA)
+    snapshot = spark.createDataFrame([_listing(f"L{i}") for i in (1, 2, 3)], CAR_LISTINGS.schema)
     out = tmp_path / name
-    return write_shards(spark, events, snapshot, str(out), params), out
+    return write_shards(spark, events, snapshot, str(out), params, spec=FEATURE_SPEC), out
 
 
 def test_drops_are_counted_shared_and_a_high_bot_share_warns(spark, tmp_path, capsys):

@@ -1,13 +1,15 @@
 """The whole nightly job on a tiny generated marketplace, checked through the published tables."""
 
 import datetime as dt
+import json
+from pathlib import Path
 
 import deltalake
 import pytest
 from pyspark.sql import functions as F
 
 from jobs import generate_sample_data, pipeline
-from lib import delta_io
+from lib import car_marketplace, delta_io, feature_spec
 from lib.paths import Layout
 from schemas import listing_embeddings, listing_neighbours, listings, runs
 
@@ -121,3 +123,16 @@ def test_runs_table_records_the_run(spark, finished_run):
     assert row.counts["dropped_duplicate"] > 0  # the generator injects duplicate events
     commit = delta_io.history(Layout(root).table("listing_neighbours"))[0]
     assert commit["metadata"]["run_id"] == result["run_id"]
+
+
+def test_the_run_trains_on_the_generated_spec_and_writes_its_report(finished_run):
+    root, result = finished_run
+    # No spec given: the run reads the one the generator wrote beside its inputs.
+    manifest = Path(Layout(root).shards(RUN_DATE)) / "manifest.json"
+    declared = json.loads(manifest.read_text())["feature_spec"]
+    assert feature_spec.from_dict(declared) == car_marketplace.FEATURE_SPEC
+    assert result["stages"]["evaluate"]["report_error"] is None
+    page = Path(result["report"]).read_text()
+    assert "Map of listing embeddings" in page
+    # The spec's coherence columns: its first two categorical and its first numeric feature.
+    assert "same make" in page and "same model" in page and "year ratio" in page

@@ -10,8 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from lib import report
+from lib.car_marketplace import FEATURE_SPEC
+from lib.feature_spec import NO_FEATURES, from_dict
 
 METRICS = {
     "model": {"hit_rate_at_10": 0.30, "hit_rate_at_10_warm": 0.35, "hit_rate_at_10_cold": 0.20,
@@ -43,19 +46,35 @@ def sample_data(n=300, seed=0) -> report.ReportData:
             "city": rng.choice(["Berlin", "Köln", "Kiel", "Essen"], n),
         }
     )
-    neighbour = {"listing_id": "L2", "rank": 1, "score": 0.93, "distance_km": 4.2, "make": "VW",
-                 "model": "Golf", "body_type": "estate", "price_eur": 9900.0, "year": 2019,
-                 "mileage_km": 80000, "city": "Köln"}  # fmt: skip
-    example = {"listing_id": "L1", "cold": True, "listing": {**neighbour, "model": "<Polo>"},
-               "neighbours": [neighbour]}  # fmt: skip
+    neighbour = dict(
+        listing_id="L2",
+        rank=1,
+        score=0.93,
+        distance_km=4.2,
+        make="VW",
+        model="Golf",
+        body_type="estate",
+        price_eur=9900.0,
+        year=2019,
+        mileage_km=80000,
+        city="Köln",
+    )
+    example = {
+        "listing_id": "L1",
+        "cold": True,
+        "listing": {**neighbour, "model": "<Polo>"},
+        "neighbours": [neighbour],
+    }
     return report.ReportData(
         title="Listing similarity",
         run_date="2026-11-20",
         model_version="20261120-abc",
         metrics=METRICS,
         points=points,
+        # The car spec: make groups the strip, city (shown, not a feature) is the area.
+        columns=report.ReportColumns.of(FEATURE_SPEC),
         examples=[example],
-        make_vectors=(["VW", "BMW", "Fiat"], rng.normal(size=(3, 8))),
+        group_vectors=(["VW", "BMW", "Fiat"], rng.normal(size=(3, 8))),
         training={"loss_per_epoch": [7.0, 6.1, 5.8]},
         ann={"method": "exact", "recall (exact search)": 1.0},
         stage_seconds={"shards": 12.5, "train": 30.0},
@@ -91,7 +110,7 @@ def test_shortfalls_empty_when_model_wins():
     assert report.shortfalls(winning) == []
 
 
-def test_pca_and_make_axis_find_the_obvious_direction():
+def test_pca_and_group_axis_find_the_obvious_direction():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 5)) * 0.1
     x[:, 3] += np.repeat([-1.0, 1.0], 100)
@@ -99,17 +118,92 @@ def test_pca_and_make_axis_find_the_obvious_direction():
     assert coords.shape == (200, 2)
     assert abs(np.corrcoef(coords[:, 0], x[:, 3])[0, 1]) > 0.99
     groups = pd.Series(np.repeat(["a", "b"], 100))
-    axis = report.make_axis(x, groups)
+    axis = report.group_axis(x, groups)
     assert np.sign(axis[:100].mean()) != np.sign(axis[100:].mean())
 
 
 def test_feature_table_reads_both_model_layouts():
-    cards = {"make_code": 3, "model_code": 2}
+    cards = {"make": 3, "model": 2}
     shared = {"feature_embedding.weight": torch.arange(10.0).reshape(5, 2)}
-    assert report.feature_table(shared, cards, "model_code").tolist() == [[6.0, 7.0], [8.0, 9.0]]
+    assert report.feature_table(shared, cards, "model").tolist() == [[6.0, 7.0], [8.0, 9.0]]
     split = {"code_embeddings.1.weight": torch.ones(2, 2)}
-    assert report.feature_table(split, cards, "model_code").shape == (2, 2)
-    assert report.feature_table(shared, cards, "colour_code") is None
+    assert report.feature_table(split, cards, "model").shape == (2, 2)
+    assert report.feature_table(shared, cards, "colour") is None
+
+
+def map_panels(data: report.ReportData, monkeypatch) -> tuple[str, list[int]]:
+    """The rendered page, and the number of panels of each map figure drawn for it."""
+    panels = []
+
+    class Recording(Figure):
+        def subplots(self, nrows=1, ncols=1, **kwargs):
+            if kwargs.get("squeeze") is False:  # only the map asks for a grid of axes
+                panels.append(ncols)
+            return super().subplots(nrows, ncols, **kwargs)
+
+    monkeypatch.setattr(report, "Figure", Recording)
+    return report.render_report(data), panels
+
+
+def plain_data(spec, points: pd.DataFrame, example_listing: dict) -> report.ReportData:
+    neighbour = {"listing_id": "L2", "rank": 1, "score": 0.9, "distance_km": None}
+    return report.ReportData(
+        title="Listing similarity",
+        run_date="2026-11-20",
+        model_version="m1",
+        metrics={"model": {"hit_rate_at_10": 0.2, "pairs": 10.0}, "random": {}},
+        points=points,
+        columns=report.ReportColumns.of(spec),
+        examples=[
+            {
+                "listing_id": "L1",
+                "cold": False,
+                "listing": example_listing,
+                "neighbours": [{**neighbour, **example_listing}],
+            }
+        ],
+    )
+
+
+def plain_points(n: int = 40, **columns) -> pd.DataFrame:
+    rng = np.random.default_rng(2)
+    return pd.DataFrame(
+        {
+            "listing_id": [f"L{i}" for i in range(n)],
+            "embedding": list(rng.normal(size=(n, 4)).astype(np.float32)),
+            "is_cold_start": np.arange(n) % 5 == 0,
+            **columns,
+        }
+    )
+
+
+def test_page_renders_for_a_catalogue_without_features(monkeypatch):
+    columns = report.ReportColumns.of(NO_FEATURES)
+    assert columns == report.ReportColumns()
+    assert columns.sampled == ()
+    page, panels = map_panels(plain_data(NO_FEATURES, plain_points(), {}), monkeypatch)
+    assert panels == [1]  # one uncoloured panel
+    assert "Map of listing embeddings" in page and "L1" in page
+    assert "1-d strip" not in page and "Learned embeddings" not in page
+    assert "same " not in page  # no coherence columns
+
+
+def test_page_renders_for_a_spec_with_only_a_numeric_feature(monkeypatch):
+    spec = from_dict({"features": [{"column": "price", "kind": "numeric"}]})
+    columns = report.ReportColumns.of(spec)
+    assert (columns.group, columns.colours, columns.numeric, columns.area) == (
+        None,
+        ("price",),
+        "price",
+        None,
+    )
+    points = plain_points(price=np.r_[np.nan, np.linspace(5.0, 500.0, 39)])
+    data = plain_data(spec, points, {"price": 12.5})
+    data.metrics["model"]["median_price_ratio"] = 1.4
+    page, panels = map_panels(data, monkeypatch)
+    assert panels == [1]  # coloured by price
+    assert "price ratio" in page and "<i>price</i> 12.5" in page
+    assert "1-d strip" not in page
 
 
 # CI installs Debian's chromium (.ci/run), so there a missing browser is a failure, not a skip.
@@ -122,11 +216,15 @@ def test_headless_chromium_renders_a_readable_page(page, tmp_path):
     html_path, png = tmp_path / "report.html", tmp_path / "report.png"
     report.write_report(str(html_path), page)
     subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu",
-         "--disable-background-networking", "--hide-scrollbars", "--window-size=1280,4000",
-         f"--screenshot={png}", html_path.as_uri()],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+        [
+            *("chromium", "--headless", "--no-sandbox", "--disable-gpu"),
+            *("--disable-background-networking", "--hide-scrollbars", "--window-size=1280,4000"),
+            *(f"--screenshot={png}", html_path.as_uri()),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     image = np.asarray(Image.open(png).convert("L"), dtype=float)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import generate_sample_data as job
+from lib import car_marketplace, feature_spec
 from lib.sample_data import (
     SEGMENTS,
     MarketplaceSize,
@@ -17,7 +18,7 @@ from lib.sample_data import (
     write_marketplace,
 )
 from lib.schema_check import check_matches, conform
-from schemas import interactions, listings
+from schemas import interactions
 
 END = dt.date(2025, 3, 1)
 TINY = MarketplaceSize(n_listings=300, n_users=200, n_events=5_000, days=14)
@@ -49,11 +50,23 @@ def test_tables_read_back_with_spark_match_the_specs(spark, market, tmp_path):
 
     raw_listings = spark.read.parquet(paths["listings"])
     raw_events = spark.read.parquet(paths["interactions"])
-    # No cast needed: the files already carry the contract's types (event_date from the path).
-    assert _types(raw_listings) == _types_of(listings.SPEC)
+    # The listings carry the car marketplace's own columns and types, the events the contract's
+    # (event_date from the path); both read under their contracts, the spec written beside them.
+    assert pq.read_schema(paths["listings"] + "/part-00000.parquet").equals(
+        car_marketplace.LISTINGS_SCHEMA
+    )
     assert _types(raw_events) == _types_of(interactions.SPEC)
-    check_matches(conform(raw_listings, listings.SPEC), listings.SPEC)
+    assert feature_spec.read(paths["feature_spec"]) == car_marketplace.FEATURE_SPEC
+    contract = feature_spec.listings_table_spec(car_marketplace.FEATURE_SPEC)
+    assert set(contract.schema.fieldNames()) <= set(raw_listings.columns)
+    check_matches(conform(raw_listings, contract), contract)
     check_matches(conform(raw_events, interactions.SPEC), interactions.SPEC)
+    # Every contract column but the numeric features (ints widen to double) reads as written.
+    numeric = {f.column for f in car_marketplace.FEATURE_SPEC.of_kind("numeric")}
+    written = dict(_types(raw_listings))
+    assert {n: t for n, t in _types_of(contract) if n not in numeric} == {
+        n: written[n] for n in contract.schema.fieldNames() if n not in numeric
+    }
 
     assert raw_listings.count() == market.listings.num_rows == TINY.n_listings
     assert raw_events.count() == market.interactions.num_rows

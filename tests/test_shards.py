@@ -7,10 +7,14 @@ from pyspark.sql import Row
 from pyspark.sql import functions as F
 
 from lib import features, shards
+from lib.car_marketplace import FEATURE_SPEC
+from lib.feature_spec import listings_table_spec
 from lib.schema_check import conform
-from schemas import interactions, listings, training_examples
+from schemas import interactions, training_examples
 
 RUN_DATE = dt.date(2026, 11, 20)
+# The generated car marketplace's listings contract: the fixed columns and its declared ones.
+CAR_LISTINGS = listings_table_spec(FEATURE_SPEC)
 
 
 def ts(day: int, hour: int = 12) -> dt.datetime:
@@ -36,28 +40,27 @@ def events_df(spark, rows):
 def listing_rows(spark, rows):
     """rows: (listing_id, make, price, lat, lon, is_active)"""
     data = [
-        Row(
-            listing_id=i,
-            make=make,
-            model=f"{make}-m" if make else None,
-            body_type="hatchback",
-            fuel_type="petrol",
-            transmission="manual",
-            colour="black",
-            year=2020,
-            mileage_km=50_000,
-            price_eur=price,
-            power_kw=80,
-            latitude=lat,
-            longitude=lon,
-            city="Berlin",
-            dealer_id="d1",
-            is_active=active,
-            created_date=dt.date(2026, 1, 1),
-        )
+        {
+            "listing_id": i,
+            "make": make,
+            "model": f"{make}-m" if make else None,
+            "body_type": "hatchback",
+            "fuel_type": "petrol",
+            "transmission": "manual",
+            "colour": "black",
+            "year": 2020.0,
+            "mileage_km": 50_000.0,
+            "price_eur": price,
+            "power_kw": 80.0,
+            "latitude": lat,
+            "longitude": lon,
+            "city": "Berlin",
+            "is_active": active,
+            "created_date": dt.date(2026, 1, 1),
+        }
         for i, make, price, lat, lon, active in rows
     ]
-    return spark.createDataFrame(data, listings.SCHEMA)
+    return spark.createDataFrame(data, CAR_LISTINGS.schema)
 
 
 @pytest.fixture
@@ -114,16 +117,11 @@ def test_tag_drop_reasons_tags_each_problem(spark, snapshot):
 
 
 def test_tag_drop_reasons_flags_null_keys(spark, snapshot):
-    rows = [
-        Row(user_id=None, listing_id="L1", event_type="view", event_ts=ts(19), session_id="s",
-            source="web", event_date=dt.date(2026, 11, 19)),
-        Row(user_id="u1", listing_id="L1", event_type="view", event_ts=ts(19), session_id="s",
-            source="web", event_date=dt.date(2026, 11, 19)),
-    ]  # fmt: skip
-    events = spark.createDataFrame(rows, interactions.SCHEMA.fromJson(
-        {**interactions.SCHEMA.jsonValue(),
-         "fields": [{**f, "nullable": True} for f in interactions.SCHEMA.jsonValue()["fields"]]}
-    ))  # fmt: skip
+    day = dt.date(2026, 11, 19)
+    rows = [(user, "L1", "view", ts(19), "s", "web", day) for user in (None, "u1")]
+    schema = interactions.SCHEMA.jsonValue()
+    nullable = {**schema, "fields": [{**f, "nullable": True} for f in schema["fields"]]}
+    events = spark.createDataFrame(rows, interactions.SCHEMA.fromJson(nullable))
     tagged = shards.tag_drop_reasons(
         events,
         snapshot,
@@ -184,8 +182,18 @@ def test_extend_vocabulary_keeps_old_indices_and_appends_new_ones(spark):
 
 
 def test_feature_encoding_buckets_oov_and_nulls(spark, snapshot):
-    encoding = features.fit_feature_encoding(snapshot, run_date=RUN_DATE, num_buckets=2)
-    assert encoding["vocabularies"]["make"] == ["VW", "BMW"]  # by frequency
+    encoding = features.fit_feature_encoding(snapshot, FEATURE_SPEC)
+    cards = features.cardinalities(encoding)
+    assert list(cards) == [
+        *("make", "model", "body_type", "fuel_type", "transmission", "colour"),
+        *("year_bucket", "mileage_km_bucket", "price_eur_bucket", "power_kw_bucket", "geo_cell"),
+    ]
+    assert features.dense_names(encoding) == [
+        *("year_norm", "mileage_km_norm", "price_eur_norm", "power_kw_norm"),
+        *("latitude_norm", "longitude_norm"),
+    ]
+    assert features.token_fields(encoding) == []
+    assert encoding["codes"][0]["vocabulary"] == ["VW", "BMW"]  # by frequency
     vocab = shards.extend_vocabulary(snapshot.select(F.col("listing_id").alias("id")))
     unseen = listing_rows(spark, [("L5", "Tesla", 20_000.0, 52.5, 13.4, True)])
     encoded = {
@@ -194,23 +202,30 @@ def test_feature_encoding_buckets_oov_and_nulls(spark, snapshot):
             snapshot.unionByName(unseen), vocab, encoding
         ).collect()
     }
-    assert encoded["L1"].make_code == 1 and encoded["L3"].make_code == 2
-    assert encoded["L4"].make_code == 0  # null make -> unknown bucket
+
+    def code(listing_id, name):
+        return encoded[listing_id].codes[list(cards).index(name)]
+
+    def dense(listing_id, name):
+        return encoded[listing_id].dense[features.dense_names(encoding).index(name)]
+
+    assert code("L1", "make") == 1 and code("L3", "make") == 2
+    assert code("L4", "make") == 0  # null make -> unknown bucket
     assert "L5" not in encoded  # not in the vocabulary -> not encoded
-    assert encoded["L4"].price_bucket == 0 and encoded["L1"].price_bucket >= 1
-    assert encoded["L1"].geo_cell == encoded["L2"].geo_cell != encoded["L3"].geo_cell
-    assert encoded["L4"].geo_cell == 0 and encoded["L4"].lat_norm == 0.0
-    cards = features.cardinalities(encoding)
-    assert set(cards) == set(training_examples.CATEGORICAL_CODES)
-    assert all(getattr(encoded["L3"], c) < cards[c] for c in cards)
+    assert code("L4", "price_eur_bucket") == 0 and code("L1", "price_eur_bucket") >= 1
+    assert code("L1", "geo_cell") == code("L2", "geo_cell") != code("L3", "geo_cell")
+    assert code("L4", "geo_cell") == 0 and dense("L4", "latitude_norm") == 0.0
+    assert dense("L3", "price_eur_norm") > dense("L2", "price_eur_norm")
+    assert all(len(r.codes) == len(cards) and r.tokens == [] for r in encoded.values())
+    assert all(0 <= c < size for c, size in zip(encoded["L3"].codes, cards.values(), strict=True))
 
     oov_vocab = shards.extend_vocabulary(unseen.select(F.col("listing_id").alias("id")))
     tesla = features.encode_listing_features(unseen, oov_vocab, encoding).first()
-    assert tesla.make_code == 0  # make never seen when fitting -> out-of-vocabulary bucket
+    assert tesla.codes[0] == 0  # make never seen when fitting -> out-of-vocabulary bucket
 
 
 def test_assemble_training_examples_and_cold_flags(spark, snapshot):
-    encoding = features.fit_feature_encoding(snapshot, run_date=RUN_DATE)
+    encoding = features.fit_feature_encoding(snapshot, FEATURE_SPEC)
     listing_vocab = shards.extend_vocabulary(snapshot.select(F.col("listing_id").alias("id")))
     encoded = features.encode_listing_features(snapshot, listing_vocab, encoding)
     weighted = spark.createDataFrame(
@@ -253,9 +268,13 @@ def test_assembled_examples_spread_over_files_are_the_same_rows(
     user_vocab = shards.extend_vocabulary(weighted.select(F.col("user_id").alias("id")))
     plain = shards.assemble_training_examples(weighted, user_vocab, listing_vocab)
     spread = shards.assemble_training_examples(
-        weighted, user_vocab, listing_vocab, broadcast_listings=broadcast_listings, num_files=3,
+        weighted,
+        user_vocab,
+        listing_vocab,
+        broadcast_listings=broadcast_listings,
+        num_files=3,
         seed=5,
-    )  # fmt: skip
+    )
     assert spread.rdd.getNumPartitions() == 3
     assert spread.columns == plain.columns
     assert sorted(spread.collect()) == sorted(plain.collect())
