@@ -13,8 +13,16 @@ give a rank. The id tables are sparse (SparseRowAdam) as in production.
 A configuration's rate is its last epoch's examples/s as the training loop measures it (all
 ranks' examples over the slowest rank's time, loader included); the first epoch also pays for
 warm-up. ``uptime`` load is recorded before and after each configuration, because on a shared
-machine a rate means little without it. The last printed line is one JSON object:
-``examples_per_second`` (best configuration), ``configs`` and ``device``.
+machine a rate means little without it.
+
+In the same run, on the same examples (read back from the written ``train/`` files), a plain
+two-tower loop (``bench/plain_two_tower.py``: id embeddings only, ``nn.Embedding(sparse=True)``
++ ``torch.optim.SparseAdam``, in-batch softmax, same batch size, dim and epochs, one process
+with as many threads as the best configuration has cores) gives the reference rate.
+
+The last printed line is one JSON object: ``examples_per_second`` (best configuration),
+``plain_examples_per_second``, ``ratio_to_plain`` (= the two; goal >= 0.8), ``configs``,
+``plain`` and ``device``.
 """
 
 from __future__ import annotations
@@ -42,29 +50,43 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from lib.car_marketplace import FEATURE_SPEC  # noqa: E402
 from lib.schema_check import arrow_schema  # noqa: E402
-from schemas.training_examples import (  # noqa: E402
-    CATEGORICAL_CODES,
-    DENSE_FEATURES,
-    LISTING_FEATURES_SPEC,
-    SPEC,
-)
+from schemas.training_examples import LISTING_FEATURES_SPEC, SPEC  # noqa: E402
 
-# Vocabulary sizes of the default 20k-listing sample marketplace, scaled up where the catalogue
-# grows (model and location codes), so the feature table is as big as production's.
+# The encoded features of the sample marketplace's spec (lib/car_marketplace.py), in the
+# tower's order: vocabulary sizes of the default 20k-listing catalogue, scaled up where the
+# catalogue grows (model and location codes), so the feature table is as big as production's.
 CARDINALITIES = {
-    "make_code": 41,
-    "model_code": 400,
-    "body_type_code": 9,
-    "fuel_type_code": 6,
-    "transmission_code": 3,
-    "colour_code": 11,
+    "make": 41,
+    "model": 400,
+    "body_type": 9,
+    "fuel_type": 6,
+    "transmission": 3,
+    "colour": 11,
     "year_bucket": 17,
-    "mileage_bucket": 17,
-    "price_bucket": 17,
-    "power_bucket": 17,
+    "mileage_km_bucket": 17,
+    "price_eur_bucket": 17,
+    "power_kw_bucket": 17,
     "geo_cell": 600,
 }
+DENSE_FEATURES = (
+    "year_norm",
+    "mileage_km_norm",
+    "price_eur_norm",
+    "power_kw_norm",
+    "latitude_norm",
+    "longitude_norm",
+)
+# (name, codes incl. the 0 pad, slots): the car spec declares no bag-of-tokens feature.
+TOKEN_FIELDS: tuple[tuple[str, int, int], ...] = ()
+
+
+def _fixed_lists(matrix: np.ndarray) -> pa.ListArray:
+    """A ``[rows, width]`` matrix as a list column (one array per row, width 0 allowed)."""
+    rows, width = matrix.shape
+    offsets = np.arange(rows + 1, dtype=np.int32) * width
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
 
 
 def fabricate_shards(
@@ -77,6 +99,7 @@ def fabricate_shards(
         "examples": examples,
         "files": files,
         "schema_version": SPEC.version,
+        "listing_features_version": LISTING_FEATURES_SPEC.version,
     }
     marker = out / "bench-shards.json"
     if marker.exists() and json.loads(marker.read_text()) == wanted:
@@ -84,10 +107,18 @@ def fabricate_shards(
     shutil.rmtree(out, ignore_errors=True)
     (out / "train").mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    codes = np.stack(
-        [rng.integers(1, CARDINALITIES[c], listings) for c in CATEGORICAL_CODES], axis=1
-    ).astype(np.int32)
+    codes = np.zeros((listings, len(CARDINALITIES)), np.int32)
+    for k, size in enumerate(CARDINALITIES.values()):
+        codes[:, k] = rng.integers(1, size, listings)
     dense = rng.normal(size=(listings, len(DENSE_FEATURES))).astype(np.float32)
+    # Each token field: up to ``slots`` tokens per listing, the rest padding (0).
+    tokens = np.zeros((listings, sum(slots for _, _, slots in TOKEN_FIELDS)), np.int32)
+    start = 0
+    for _, size, slots in TOKEN_FIELDS:
+        used = rng.integers(0, slots + 1, listings)
+        drawn = rng.integers(1, size, (listings, slots))
+        tokens[:, start : start + slots] = np.where(np.arange(slots) < used[:, None], drawn, 0)
+        start += slots
     # Long-tailed popularity and activity, about as skewed as the sample marketplace's.
     popularity = rng.lognormal(0.0, 1.2, listings)
     activity = rng.lognormal(0.0, 1.0, users)
@@ -108,8 +139,9 @@ def fabricate_shards(
         "listing_id": [f"L{i}" for i in every],
         "is_active": np.ones(listings, bool),
         "has_interactions": counts > 0,
-        **{c: codes[:, k] for k, c in enumerate(CATEGORICAL_CODES)},
-        **{c: dense[:, k] for k, c in enumerate(DENSE_FEATURES)},
+        "codes": _fixed_lists(codes),
+        "dense": _fixed_lists(dense),
+        "tokens": _fixed_lists(tokens),
     }
     pq.write_table(
         pa.table(feature_columns, schema=arrow_schema(LISTING_FEATURES_SPEC.schema)),
@@ -123,8 +155,12 @@ def fabricate_shards(
         "schema_version": SPEC.version,
         "num_users": users,
         "num_listings": listings,
-        "cardinalities": CARDINALITIES,
+        "listing_features_version": LISTING_FEATURES_SPEC.version,
+        "feature_spec": FEATURE_SPEC.to_dict(),
+        # Pairs, not a map, as the shard stage writes them: the order is the tower's.
+        "cardinalities": [[name, size] for name, size in CARDINALITIES.items()],
         "dense_features": list(DENSE_FEATURES),
+        "token_fields": [list(t) for t in TOKEN_FIELDS],
         "train_files": names,
         "counts": {"training_examples": examples, "listings": listings},
         "encodings": {},
@@ -226,6 +262,32 @@ def run_config(shards: Path, config: dict, args: argparse.Namespace) -> dict:
     }
 
 
+# ratio_to_plain: our loop's examples/s over the plain id-only loop's must be at least this.
+GOAL_RATIO_TO_PLAIN = 0.8
+
+
+def best_cores(result: dict) -> int:
+    """Cores a configuration keeps busy: processes x threads (+ loader workers)."""
+    return result["processes"] * (result["threads"] + result["num_workers"])
+
+
+def run_plain(shards: Path, args: argparse.Namespace, *, threads: int) -> dict:
+    """The plain two-tower loop on the examples of ``shards``' train/ files, in this process
+    (on the first GPU with ``--use-gpu``)."""
+    from bench import plain_two_tower
+
+    before = load()
+    result = plain_two_tower.train_plain(
+        plain_two_tower.read_examples(shards),
+        batch_size=args.batch_size,
+        dim=args.dim,
+        epochs=args.epochs,
+        threads=threads,
+        device="cuda" if args.use_gpu else "cpu",
+    )
+    return {**result, "load_before": before, "load_after": load()}
+
+
 def device_name(use_gpu: bool) -> str:
     if use_gpu:
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
@@ -259,6 +321,12 @@ def main(argv: list[str] | None = None) -> None:
         help="before each configuration wait (up to --wait-s) until the 1-min load is below this",
     )
     p.add_argument("--wait-s", type=float, default=1800.0)
+    p.add_argument(
+        "--plain-threads",
+        type=int,
+        default=0,
+        help="torch threads of the plain loop (default: the best configuration's cores)",
+    )
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "bench-train-shards"))
     args = p.parse_args(argv)
 
@@ -273,12 +341,27 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result), flush=True)
         results.append(result)
     best = max(results, key=lambda r: r["examples_per_second"])
+    if args.max_load:
+        wait_for_quiet(args.max_load, args.wait_s)
+    plain = run_plain(shards, args, threads=args.plain_threads or best_cores(best))
+    print(json.dumps({"plain": plain}), flush=True)
+    ratio = best["examples_per_second"] / max(plain["plain_examples_per_second"], 1)
     print(
         json.dumps(
             {
                 "examples_per_second": best["examples_per_second"],
+                "plain_examples_per_second": plain["plain_examples_per_second"],
+                "ratio_to_plain": round(ratio, 3),
+                # The same per CPU-second of the training processes: moves less with the load.
+                "ratio_to_plain_per_cpu_second": round(
+                    best["examples_per_cpu_second"]
+                    / max(plain["epochs"][-1]["examples_per_cpu_second"], 1),
+                    3,
+                ),
+                "goal_ratio_to_plain_min": GOAL_RATIO_TO_PLAIN,
                 "best_config": f"{best['processes']}x{best['threads']}+w{best['num_workers']}",
                 "configs": results,
+                "plain": plain,
                 "device": device_name(args.use_gpu),
                 "catalogue": {"listings": args.listings, "users": args.users},
                 "examples_per_epoch": args.examples,
