@@ -19,6 +19,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from lib import packing
+from lib.block_scoring import best_columns
 from lib.packing import unit_rows, vector_matrix
 
 # k-means sample bound: training cost stays flat as the catalogue grows.
@@ -124,18 +125,21 @@ def _assign(centroids: Broadcast, nprobe: int, allowed: Broadcast | None):
                         "-inf"
                     )
             take = min(nprobe, len(c))
-            values, probes = torch.topk(scores, take, dim=1)
-            valid = torch.isfinite(values).numpy()
+            if take < len(c):
+                probes, values = best_columns(scores.numpy(), take)
+            else:
+                values, probes = (t.numpy() for t in torch.topk(scores, take, dim=1))
+            valid = np.isfinite(values)
             valid[:, 0] = True  # the home list: its own part always has it
             lengths = valid.sum(axis=1)
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            flat = probes.numpy()[valid].astype(np.int32)
+            flat = probes[valid].astype(np.int32)
             yield pa.RecordBatch.from_arrays(
                 [
                     batch.column("part"),
                     batch.column("rid"),
                     batch.column("listing_id"),
-                    pa.array(probes[:, 0].numpy().astype(np.int32)),
+                    pa.array(probes[:, 0].astype(np.int32)),
                     packing.pack_ints(flat, offsets),
                     packing.pack_matrix(vectors),
                 ],

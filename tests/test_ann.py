@@ -180,6 +180,26 @@ def test_top_candidates_match_a_brute_force_reference_across_score_blocks(monkey
     assert {0, k} <= set(counts.tolist()) and any(0 < c < k for c in counts)
 
 
+@pytest.mark.parametrize("width", [30, 300, 1000, 5000])
+def test_best_columns_match_a_full_ranking_also_with_masked_and_nan_scores(width):
+    # Wide rows take the bound path (group maxima), narrow ones torch.topk: the same scores.
+    rng = np.random.default_rng(width)
+    block = rng.normal(size=(40, width)).astype(np.float32)
+    block[3, :] = -np.inf  # a row with nothing to find
+    block[4, rng.random(width) < 0.9] = -np.inf  # mostly masked lists
+    block[5, : width // 2] = 7.0  # many ties above everything else
+
+    cols, scores = block_scoring.best_columns(block, 9)
+
+    expected = -np.sort(-block, axis=1)[:, :9]
+    np.testing.assert_array_equal(scores, expected)
+    assert ((cols >= 0) & (cols < width)).all()
+    np.testing.assert_array_equal(np.take_along_axis(block, cols, axis=1), scores)
+    assert len(set(cols[5].tolist())) == 9
+    block[6, 0] = np.nan  # no bound holds: ranked in full instead
+    assert block_scoring.best_columns(block, 9)[1].shape == (40, 9)
+
+
 def test_best_k_reports_missing_entries_as_minus_infinity():
     vectors = np.eye(3, dtype=np.float32)
     index, best = block_scoring.best_k(
