@@ -3,8 +3,14 @@
     .venv/bin/python bench/shards.py [--events 10000000 --listings 200000 --users 500000]
 
 Generates the inputs once under --data (reused when present with the same sizes), runs stage 1
-(`jobs/build_training_shards.py`) in a fresh local[2] session, and prints as its last line one
-JSON object: events, seconds (stage time), events_per_second, peak_rss_gb (driver Python + JVM).
+(`jobs/build_training_shards.py`) in a fresh local[2] session, then, in the same session on the
+same events, a floor: what any job that cleans events per user has to do at least, i.e. one
+scan of the interaction log, one shuffle of every event by user (``repartition(user_id)``) and
+one Parquet write. The floor runs second, on a warm JVM and page cache, so the ratio errs high.
+
+Prints as its last line one JSON object: events, seconds (stage time), events_per_second,
+floor_seconds, ratio_to_floor (stage seconds / floor seconds; goal <= 2), step_seconds (the
+stage's own clock per step), peak_rss_gb (driver Python + JVM).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from jobs import build_training_shards, generate_sample_data  # noqa: E402
 from lib.session import build_session  # noqa: E402
 
 RUN_DATE = dt.date(2026, 11, 20)
+GOAL_RATIO_TO_FLOOR = 2.0
 
 
 def ensure_inputs(data: Path, listings: int, users: int, events: int) -> dict:
@@ -36,13 +43,40 @@ def ensure_inputs(data: Path, listings: int, users: int, events: int) -> dict:
     stats = generate_sample_data.run(
         None,
         generate_sample_data.parse_args(
-            ["--out", str(data), "--listings", str(listings), "--users", str(users),
-             "--events", str(events), "--days", "90",
-             "--end-date", (RUN_DATE + dt.timedelta(days=1)).isoformat()]
+            [
+                "--out",
+                str(data),
+                "--listings",
+                str(listings),
+                "--users",
+                str(users),
+                "--events",
+                str(events),
+                "--days",
+                "90",
+                "--end-date",
+                (RUN_DATE + dt.timedelta(days=1)).isoformat(),
+            ]
         ),
-    )  # fmt: skip
+    )
     marker.write_text(json.dumps(wanted))
     return {"generated": True, "generate": stats}
+
+
+def time_floor(spark, interactions: Path, out: Path) -> dict:
+    """One scan, one shuffle by user, one Parquet write of the same events; seconds and rows."""
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
+    events = spark.read.parquet(str(interactions))
+    events.repartition(F.col("user_id")).write.mode("overwrite").parquet(str(out))
+    seconds = time.perf_counter() - started
+    rows = spark.read.parquet(str(out)).count()
+    return {
+        "seconds": seconds,
+        "rows": rows,
+        "partitions": spark.conf.get("spark.sql.shuffle.partitions"),
+    }
 
 
 def peak_rss_gb() -> float:
@@ -67,6 +101,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=500_000)
     p.add_argument("--data", default="/tmp/listing-similarity-bench/shards-input")
     p.add_argument("--out", default="/tmp/listing-similarity-bench/shards")
+    p.add_argument("--floor-out", default="/tmp/listing-similarity-bench/shards-floor")
     a = p.parse_args()
     data = Path(a.data)
     data.mkdir(parents=True, exist_ok=True)
@@ -78,14 +113,24 @@ def main() -> None:
     stats = build_training_shards.run(
         spark,
         build_training_shards.parse_args(
-            ["--interactions", str(data / "interactions"), "--listings", str(data / "listings"),
-             "--out", a.out, "--run-date", RUN_DATE.isoformat()]
+            [
+                "--interactions",
+                str(data / "interactions"),
+                "--listings",
+                str(data / "listings"),
+                "--out",
+                a.out,
+                "--run-date",
+                RUN_DATE.isoformat(),
+            ]
         ),
-    )  # fmt: skip
+    )
     seconds = time.perf_counter() - started
     counts = stats["counts"]
     events = sum(v for k, v in counts.items() if k.startswith("dropped_")) + counts["events_kept"]
     print(json.dumps({"counts": counts, **generation}, default=str))
+    floor = time_floor(spark, data / "interactions", Path(a.floor_out))
+    print(json.dumps({"floor": floor}), flush=True)
     print(
         json.dumps(
             {
@@ -93,6 +138,9 @@ def main() -> None:
                 "listings": a.listings,
                 "seconds": round(seconds, 1),
                 "events_per_second": round(events / seconds),
+                "floor_seconds": round(floor["seconds"], 1),
+                "ratio_to_floor": round(seconds / floor["seconds"], 2),
+                "goal_ratio_to_floor_max": GOAL_RATIO_TO_FLOOR,
                 "peak_rss_gb": peak_rss_gb(),
                 "training_examples": counts["training_examples"],
                 "step_seconds": stats["step_seconds"],
