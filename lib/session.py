@@ -10,11 +10,14 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+# Warnings and errors only, without the start-up notices of a local JVM (lib/log4j2.properties).
+LOCAL_LOG_CONFIG = Path(__file__).with_name("log4j2.properties")
 
 
 def is_local_master(master: str | None) -> bool:
@@ -41,6 +44,8 @@ def build_session(
     if is_local_master(master) and not launched_by_spark_submit():
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        # One machine: bind to loopback rather than warn that the hostname resolves to it.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         cores = os.cpu_count() or 2
         builder = (
             builder.master(master or f"local[{cores}]")
@@ -48,7 +53,10 @@ def build_session(
             .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "6g"))
             # The throughput collector: these are batch jobs, and G1's bookkeeping cost the
             # shard stage ~15 % of its time on 2 cores (README, Stage 1 -> Speed).
-            .config("spark.driver.extraJavaOptions", "-XX:+UseParallelGC")
+            .config(
+                "spark.driver.extraJavaOptions",
+                f"-XX:+UseParallelGC -Dlog4j2.configurationFile={LOCAL_LOG_CONFIG.as_uri()}",
+            )
             .config("spark.sql.shuffle.partitions", str(shuffle_partitions or 2 * cores))
             # Listing a local input's directories (e.g. 90 date partitions) is quicker on the
             # driver than as a Spark job of one task per directory.
@@ -65,6 +73,8 @@ def build_session(
         # The embedded Delta writer lists exactly the files Spark wrote; _SUCCESS is noise there.
         .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+        # Plans of the wide feature and shard tables are logged whole instead of with a warning.
+        .config("spark.sql.debug.maxToStringFields", "1000")
     )
     for key, value in (extra_conf or {}).items():
         builder = builder.config(key, value)
