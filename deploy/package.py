@@ -37,7 +37,7 @@ CODE_PACKAGES = ("lib", "jobs", "schemas")
 ZIP_NAME = "listing_similarity.zip"
 PROJECT_DIST = "listing_similarity"
 # Bump when ENV_EXCLUDES or the archive layout changes: cached archives then get rebuilt.
-ARCHIVE_LAYOUT_VERSION = 3
+ARCHIVE_LAYOUT_VERSION = 4
 SITE = "lib/python3.*/site-packages"
 # fnmatch patterns on paths relative to the venv (``*`` also matches ``/``); a matching
 # directory is skipped whole.
@@ -52,6 +52,19 @@ ENV_EXCLUDES = (
     f"{SITE}/torch/bin/test_*",
     f"{SITE}/pip",
     f"{SITE}/ruff*",
+    # The dev extra (tests and the README's readers) is no executor's business: ~350 MB less
+    # to unpack per executor and application.
+    f"{SITE}/duckdb*",
+    f"{SITE}/_duckdb*",
+    f"{SITE}/adbc_driver_duckdb*",
+    f"{SITE}/polars*",
+    f"{SITE}/_polars*",
+    f"{SITE}/pytest*",
+    f"{SITE}/_pytest",
+    f"{SITE}/chispa*",
+    f"{SITE}/prettytable*",
+    f"{SITE}/pluggy*",
+    f"{SITE}/iniconfig*",
     "bin/ruff",
     "bin/listing-similarity",
     "include",

@@ -284,6 +284,11 @@ def _fake_venv(root: Path) -> Path:
         "__editable__.ls.pth",
         "listing_similarity-0.1.0.dist-info/METADATA",
         "torch-2.13.0.dist-info/METADATA",
+        "duckdb/__init__.py",
+        "_duckdb.cpython-311-x86_64-linux-gnu.so",
+        "polars/__init__.py",
+        "_pytest/python.py",
+        "pytest-9.2.0.dist-info/METADATA",
     ):
         (site / rel).parent.mkdir(parents=True, exist_ok=True)
         (site / rel).write_text(rel)
