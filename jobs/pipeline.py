@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import sys
 import time
 import traceback
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -34,6 +35,14 @@ from lib.quality_gate import QualityGateError
 from lib.runs import RunRecord, neighbour_quality, run_row
 from lib.session import build_session
 from schemas import runs
+
+STAGES = {
+    "shards": build_training_shards,
+    "train": train_embeddings,
+    "embeddings": compute_embeddings,
+    "neighbours": compute_neighbours,
+    "evaluate": evaluate,
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,9 @@ class PipelineArgs:
     # or the per-kind flags, which the run writes down as a spec for the shard stage.
     feature_spec: str | None = None
     features: FeatureSpec | None = None
+    # Any other flag of a stage, as (stage, its flags): `--train-args "--lr 0.02"`. Checked
+    # against the stage's own parser before anything runs.
+    stage_args: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
@@ -121,17 +133,53 @@ def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
         help="fewer held-out pairs of the model: the run is recorded insufficient",
     )
     feature_spec.add_arguments(p)
+    more = p.add_argument_group("any other flag of a stage (see `listing-similarity STAGE --help`)")
+    for stage in STAGES:
+        more.add_argument(
+            f"--{stage}-args",
+            default="",
+            metavar='"--flag value ..."',
+            help=f"more flags for the {stage} stage",
+        )
     a = p.parse_args(argv)
     try:
         declared = feature_spec.from_arguments(a)
     except ValueError as error:
         p.error(str(error))
-    names = {f.name for f in fields(PipelineArgs)} - {"features"}
+    stage_args = tuple(
+        (stage, tuple(shlex.split(getattr(a, f"{stage}_args"))))
+        for stage in STAGES
+        if getattr(a, f"{stage}_args").strip()
+    )
+    names = {f.name for f in fields(PipelineArgs)} - {"features", "stage_args"}
     flagged = not a.feature_spec and declared != feature_spec.NO_FEATURES
-    return PipelineArgs(
+    args = PipelineArgs(
         **{k: v for k, v in vars(a).items() if k in names},
         features=declared if flagged else None,
+        stage_args=stage_args,
     )
+    try:
+        check_stage_args(args)
+    except ValueError as error:
+        p.error(str(error))
+    return args
+
+
+def check_stage_args(args: PipelineArgs) -> None:
+    """Each stage's extra flags parse with its own parser and leave what the run sets alone."""
+    base = stage_argv(replace(args, stage_args=()), Layout(args.root), "run-id", "version")
+    for stage, extra in args.stage_args:
+        owned = {token.split("=")[0] for token in base[stage] if token.startswith("--")}
+        clash = sorted(owned & {token.split("=")[0] for token in extra if token.startswith("--")})
+        if clash:
+            raise ValueError(
+                f"--{stage}-args: {', '.join(clash)} is set by the run itself; "
+                "use run's own flag (listing-similarity run --help)"
+            )
+        try:
+            STAGES[stage].parse_args([*base[stage], *extra])
+        except SystemExit:
+            raise ValueError(f"--{stage}-args {shlex.join(extra)!r}: see the error above") from None
 
 
 def spec_path(args: PipelineArgs, layout: Layout) -> str | None:
@@ -161,7 +209,7 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
     shards, model_dir = layout.shards(args.run_date), layout.model_dir(model_version)
     previous = layout.previous_shards(args.run_date)
     spec = spec_path(args, layout)
-    return {
+    argvs = {
         "shards": [
             "--interactions",
             layout.interactions,
@@ -266,15 +314,9 @@ def stage_argv(args: PipelineArgs, layout: Layout, run_id: str, model_version: s
             str(args.min_pairs),
         ],
     }
-
-
-STAGES = {
-    "shards": build_training_shards,
-    "train": train_embeddings,
-    "embeddings": compute_embeddings,
-    "neighbours": compute_neighbours,
-    "evaluate": evaluate,
-}
+    for stage, extra in args.stage_args:
+        argvs[stage] = [*argvs[stage], *extra]
+    return argvs
 
 
 def run(spark: SparkSession, args: PipelineArgs) -> dict:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
-from jobs import build_training_shards, compute_neighbours, pipeline
+from jobs import build_training_shards, compute_neighbours, evaluate, pipeline, train_embeddings
 from lib import delta_io, shards, sufficiency
 from lib.car_marketplace import FEATURE_SPEC
 from lib.feature_spec import listings_table_spec
@@ -67,6 +67,37 @@ def test_run_defaults_are_the_stages_own_and_bad_weights_fail_early():
     )
     with pytest.raises(SystemExit):
         pipeline.parse_args(["--root", "/r", "--run-date", "2026-11-20", "--event-weights", "x"])
+
+
+def test_run_passes_any_other_stage_flag_and_refuses_bad_ones_early():
+    args = pipeline.parse_args(
+        [
+            *("--root", "/r", "--run-date", "2026-11-20"),
+            *("--train-args", "--lr 0.02 --temperature 0.1"),
+            *("--neighbours-args", "--nlist 64 --retain-runs 3"),
+            *("--evaluate-args", "--baselines itemknn,als --no-report"),
+        ]
+    )
+    argv = pipeline.stage_argv(args, Layout("/r"), "run1", "v1")
+    train = train_embeddings.parse_args(argv["train"])
+    assert (train.lr, train.temperature) == (0.02, 0.1)
+    search = compute_neighbours.parse_args(argv["neighbours"])
+    assert (search.nlist, search.retain_runs) == (64, 3)
+    assessed = evaluate.parse_args(argv["evaluate"])
+    assert assessed.baselines == ("itemknn", "als") and assessed.report is False
+    assert (
+        argv["shards"]
+        == pipeline.stage_argv(
+            pipeline.parse_args(["--root", "/r", "--run-date", "2026-11-20"]),
+            Layout("/r"),
+            "run1",
+            "v1",
+        )["shards"]
+    )
+    base = ["--root", "/r", "--run-date", "2026-11-20"]
+    for bad in (["--train-args", "--epochs 3"], ["--neighbours-args", "--nlst 3"]):
+        with pytest.raises(SystemExit):
+            pipeline.parse_args([*base, *bad])
 
 
 # --- 1 and 2: drop shares, the bot warning, zero weights and the decay floor -------------------
