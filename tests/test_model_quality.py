@@ -22,7 +22,8 @@ import torch
 from lib import feature_spec
 from lib.delta_io import read_input
 from lib.model import TwoTowerModel
-from lib.sample_data import MarketplaceSize, generate_marketplace, haversine_km, write_marketplace
+from lib.sample_data import MarketplaceSize, generate_marketplace, write_marketplace
+from lib.sample_world import haversine_km
 from lib.shard_writer import ShardParams, write_shards
 from lib.training import TrainParams, load_artifact, model_config, read_manifest, train_worker
 from schemas import interactions

@@ -10,13 +10,8 @@ import pytest
 
 from jobs import generate_sample_data as job
 from lib import car_marketplace, feature_spec
-from lib.sample_data import (
-    SEGMENTS,
-    MarketplaceSize,
-    generate_marketplace,
-    haversine_km,
-    write_marketplace,
-)
+from lib.sample_data import MarketplaceSize, generate_marketplace, write_marketplace
+from lib.sample_world import SEGMENTS, haversine_km
 from lib.schema_check import check_matches, conform
 from schemas import interactions
 
