@@ -12,7 +12,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from lib import report
+from lib import report, report_data, report_figures
 from lib.car_marketplace import FEATURE_SPEC
 from lib.feature_spec import NO_FEATURES, from_dict
 
@@ -29,7 +29,7 @@ METRICS = {
 }  # fmt: skip
 
 
-def sample_data(n=300, seed=0) -> report.ReportData:
+def sample_data(n=300, seed=0) -> report_data.ReportData:
     rng = np.random.default_rng(seed)
     makes = rng.choice(["VW", "BMW", "Fiat", "Tesla"], n)
     centres = {"VW": 0.0, "BMW": 2.0, "Fiat": -2.0, "Tesla": 4.0}
@@ -65,14 +65,14 @@ def sample_data(n=300, seed=0) -> report.ReportData:
         "listing": {**neighbour, "model": "<Polo>"},
         "neighbours": [neighbour],
     }
-    return report.ReportData(
+    return report_data.ReportData(
         title="Listing similarity",
         run_date="2026-11-20",
         model_version="20261120-abc",
         metrics=METRICS,
         points=points,
         # The car spec: make groups the strip, city (shown, not a feature) is the area.
-        columns=report.ReportColumns.of(FEATURE_SPEC),
+        columns=report_data.ReportColumns.of(FEATURE_SPEC),
         examples=[example],
         group_vectors=(["VW", "BMW", "Fiat"], rng.normal(size=(3, 8))),
         training={"loss_per_epoch": [7.0, 6.1, 5.8]},
@@ -114,24 +114,24 @@ def test_pca_and_group_axis_find_the_obvious_direction():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 5)) * 0.1
     x[:, 3] += np.repeat([-1.0, 1.0], 100)
-    coords = report.pca(x)
+    coords = report_figures.pca(x)
     assert coords.shape == (200, 2)
     assert abs(np.corrcoef(coords[:, 0], x[:, 3])[0, 1]) > 0.99
     groups = pd.Series(np.repeat(["a", "b"], 100))
-    axis = report.group_axis(x, groups)
+    axis = report_figures.group_axis(x, groups)
     assert np.sign(axis[:100].mean()) != np.sign(axis[100:].mean())
 
 
 def test_feature_table_reads_both_model_layouts():
     cards = {"make": 3, "model": 2}
     shared = {"feature_embedding.weight": torch.arange(10.0).reshape(5, 2)}
-    assert report.feature_table(shared, cards, "model").tolist() == [[6.0, 7.0], [8.0, 9.0]]
+    assert report_data.feature_table(shared, cards, "model").tolist() == [[6.0, 7.0], [8.0, 9.0]]
     split = {"code_embeddings.1.weight": torch.ones(2, 2)}
-    assert report.feature_table(split, cards, "model").shape == (2, 2)
-    assert report.feature_table(shared, cards, "colour") is None
+    assert report_data.feature_table(split, cards, "model").shape == (2, 2)
+    assert report_data.feature_table(shared, cards, "colour") is None
 
 
-def map_panels(data: report.ReportData, monkeypatch) -> tuple[str, list[int]]:
+def map_panels(data: report_data.ReportData, monkeypatch) -> tuple[str, list[int]]:
     """The rendered page, and the number of panels of each map figure drawn for it."""
     panels = []
 
@@ -141,19 +141,19 @@ def map_panels(data: report.ReportData, monkeypatch) -> tuple[str, list[int]]:
                 panels.append(ncols)
             return super().subplots(nrows, ncols, **kwargs)
 
-    monkeypatch.setattr(report, "Figure", Recording)
+    monkeypatch.setattr(report_figures, "Figure", Recording)
     return report.render_report(data), panels
 
 
-def plain_data(spec, points: pd.DataFrame, example_listing: dict) -> report.ReportData:
+def plain_data(spec, points: pd.DataFrame, example_listing: dict) -> report_data.ReportData:
     neighbour = {"listing_id": "L2", "rank": 1, "score": 0.9, "distance_km": None}
-    return report.ReportData(
+    return report_data.ReportData(
         title="Listing similarity",
         run_date="2026-11-20",
         model_version="m1",
         metrics={"model": {"hit_rate_at_10": 0.2, "pairs": 10.0}, "random": {}},
         points=points,
-        columns=report.ReportColumns.of(spec),
+        columns=report_data.ReportColumns.of(spec),
         examples=[
             {
                 "listing_id": "L1",
@@ -178,8 +178,8 @@ def plain_points(n: int = 40, **columns) -> pd.DataFrame:
 
 
 def test_page_renders_for_a_catalogue_without_features(monkeypatch):
-    columns = report.ReportColumns.of(NO_FEATURES)
-    assert columns == report.ReportColumns()
+    columns = report_data.ReportColumns.of(NO_FEATURES)
+    assert columns == report_data.ReportColumns()
     assert columns.sampled == ()
     page, panels = map_panels(plain_data(NO_FEATURES, plain_points(), {}), monkeypatch)
     assert panels == [1]  # one uncoloured panel
@@ -190,7 +190,7 @@ def test_page_renders_for_a_catalogue_without_features(monkeypatch):
 
 def test_page_renders_for_a_spec_with_only_a_numeric_feature(monkeypatch):
     spec = from_dict({"features": [{"column": "price", "kind": "numeric"}]})
-    columns = report.ReportColumns.of(spec)
+    columns = report_data.ReportColumns.of(spec)
     assert (columns.group, columns.colours, columns.numeric, columns.area) == (
         None,
         ("price",),
