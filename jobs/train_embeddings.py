@@ -10,7 +10,8 @@ from dataclasses import dataclass, fields
 from pyspark.sql import SparkSession
 
 from lib.session import build_session
-from lib.training import TrainParams, run_with_restarts
+from lib.train_driver import run_with_restarts
+from lib.training import TrainParams
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ def _model(artifact: Broadcast, model_version: str):
     if model_version not in _MODELS:
         import torch
 
-        from lib.training import load_artifact
+        from lib.checkpoints import load_artifact
 
         torch.set_num_threads(1)  # one worker per core already
         _MODELS.clear()

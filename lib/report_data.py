@@ -125,7 +125,7 @@ def learned_tables(
     ``cell_areas`` maps a geo-cell code to the area most of its listings are in. Code 0 is the
     unknown bucket, so vocabulary entry i is row i + 1.
     """
-    from lib.training import load_artifact  # torch is imported only when a model is shown
+    from lib.checkpoints import load_artifact  # torch is imported only when a model is shown
 
     model, meta = load_artifact(artifact_path)
     state, cardinalities = model.state_dict(), dict(meta["config"]["cardinalities"])

@@ -20,12 +20,13 @@ import pytest
 import torch
 
 from lib import feature_spec
+from lib.checkpoints import load_artifact
 from lib.delta_io import read_input
 from lib.model import TwoTowerModel
 from lib.sample_data import MarketplaceSize, generate_marketplace, write_marketplace
 from lib.sample_world import haversine_km
 from lib.shard_writer import ShardParams, write_shards
-from lib.training import TrainParams, load_artifact, model_config, read_manifest, train_worker
+from lib.training import TrainParams, model_config, read_manifest, train_worker
 from schemas import interactions
 
 pytestmark = pytest.mark.slow

@@ -8,18 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lib import training
+from lib import sparse_optim, train_driver, training
+from lib.checkpoints import checkpoint_path, latest_checkpoint, load_artifact
 from lib.schema_check import arrow_schema
-from lib.training import (
-    TrainParams,
-    checkpoint_path,
-    latest_checkpoint,
-    load_artifact,
-    read_manifest,
-    run_distributed,
-    run_with_restarts,
-    train_worker,
-)
+from lib.train_driver import run_distributed, run_with_restarts
+from lib.training import TrainParams, read_manifest, train_worker
 from schemas.training_examples import LISTING_FEATURES_SPEC, SPEC
 
 # A catalogue's encoded features as the shard stage declares them in the manifest: single codes
@@ -382,7 +375,7 @@ def test_dead_rank_restarts_while_checkpoints_advance_then_gives_up(tmp_path, mo
             return {"done": True}
         raise RuntimeError("TorchDistributor failed during training.")
 
-    monkeypatch.setattr(training, "run_distributed", flaky)
+    monkeypatch.setattr(train_driver, "run_distributed", flaky)
     p = TrainParams(shards_dir="unused", out_dir=str(tmp_path))
     # Failures 1 and 3 wrote new checkpoints; so at most 2 failures in a row lack progress.
     assert run_with_restarts(p, 2, max_restarts=2) == {"done": True}
@@ -390,7 +383,7 @@ def test_dead_rank_restarts_while_checkpoints_advance_then_gives_up(tmp_path, mo
 
     calls.clear()
     monkeypatch.setattr(
-        training, "run_distributed", lambda *a, **k: calls.append(1) or flaky_fail()
+        train_driver, "run_distributed", lambda *a, **k: calls.append(1) or flaky_fail()
     )
     with pytest.raises(RuntimeError, match="rank died"):
         run_with_restarts(p, 2, max_restarts=2)
@@ -436,7 +429,7 @@ def test_sparse_row_adam_matches_torch_sparse_adam():
     tables = [torch.nn.Embedding(50, 4, sparse=True) for _ in range(2)]
     tables[1].load_state_dict(tables[0].state_dict())
     initial = tables[0].weight.detach().clone()
-    ours = training.SparseRowAdam(tables[0].parameters(), lr=0.05)
+    ours = sparse_optim.SparseRowAdam(tables[0].parameters(), lr=0.05)
     reference = torch.optim.SparseAdam(tables[1].parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(1)
     seen = torch.zeros(50, dtype=torch.bool)
@@ -462,7 +455,7 @@ def test_sparse_row_adam_refuses_dense_gradients():
     weight = torch.nn.Parameter(torch.ones(3, 2))
     weight.grad = torch.ones(3, 2)
     with pytest.raises(RuntimeError, match="sparse gradients"):
-        training.SparseRowAdam([weight]).step()
+        sparse_optim.SparseRowAdam([weight]).step()
 
 
 def _sync_rank(rank: int, init_file: str, out_dir: str) -> None:
@@ -472,7 +465,7 @@ def _sync_rank(rank: int, init_file: str, out_dir: str) -> None:
     torch.manual_seed(rank)  # different tables per rank: the broadcast must align them
     users = torch.nn.Embedding(6, 2, sparse=True)
     listings = torch.nn.Embedding(5, 2, sparse=True)
-    sync = training.SparseGradientSync([users.weight, listings.weight])
+    sync = sparse_optim.SparseGradientSync([users.weight, listings.weight])
     sync.broadcast_from_rank_zero()
     # Rank 0 touches users 1 (twice) and 3; rank 1 touches users 3 and 5. Only rank 0 uses the
     # listings table, so rank 1 has no gradient for it.
