@@ -30,11 +30,13 @@ def _rank_environment() -> Iterator[None]:
     wait passively unless the caller chose a policy.
     """
     root = str(Path(__file__).resolve().parent.parent)
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_WAIT_POLICY")}
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     parts = [p for p in (saved["PYTHONPATH"] or "").split(os.pathsep) if p]
     if root not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # torchrun's own default (each rank then sets its torch threads), without its banner.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         yield
     finally:
