@@ -16,7 +16,8 @@ one standard error of the best hit@10 among those that meet the product's bar on
 cold pairs at least as good as content kNN, warm pairs within 5 % of the best component. So a
 listing with much history is placed by co-interaction and a new one by its features when
 validation shows it pays, and a small validation split falls back to a single component rather
-than to a blend that won by chance.
+than to a blend that won by chance. A group with too few validation pairs is chosen together
+with its neighbours in support (``pooled_groups``), not by the popular listings' pairs.
 
 This module holds the per-listing arithmetic (numpy, the same for validation on the driver and
 for publication inside Spark tasks) and the Spark transforms that feed it.
@@ -299,6 +300,23 @@ def _feasible_best(
     return int(np.lexsort(tuple(np.where(allowed, k, -np.inf) for k in keys))[-1])
 
 
+def pooled_groups(pairs: np.ndarray, group: int, min_pairs: int) -> tuple[int, int]:
+    """The run of support groups, around ``group``, whose validation pairs choose its weights.
+
+    A group with too few pairs takes in the adjacent group (of the two, the one with more pairs)
+    until the run has ``min_pairs``: a new listing is judged with the sparsely supported ones
+    rather than by the popular listings, whose pairs are most of any split and which
+    co-interaction serves. Without enough pairs even over every group, the run is all of them.
+    """
+    lo = hi = group
+    while pairs[lo : hi + 1].sum() < min_pairs and (lo > 0 or hi < len(pairs) - 1):
+        if lo > 0 and (hi == len(pairs) - 1 or pairs[lo - 1] >= pairs[hi + 1]):
+            lo -= 1
+        else:
+            hi += 1
+    return lo, hi
+
+
 def choose_weights(
     queries: Sequence[ValidationQuery],
     variant: Variant,
@@ -353,17 +371,25 @@ def choose_weights(
         equal = int(np.argmin(np.abs(grid - 1 / len(COMPONENTS)).sum(axis=1)))
         overall = combos.index((int(np.argmin(np.abs(fills))), equal))
     chosen = []
+    pooled_with = []
     for g in range(groups):
-        best = _feasible_best(
-            hits[g],
-            mrr[g],
-            cold_hits[g],
-            warm_hits[g],
-            pure,
-            pairs=int(pairs[g]),
-            complexity=complexity,
+        lo, hi = pooled_groups(pairs, g, min_group_pairs)
+        pooled_with.append((lo, hi))
+        if pairs[lo : hi + 1].sum() < min_group_pairs:
+            chosen.append(overall)
+            continue
+        span = slice(lo, hi + 1)
+        chosen.append(
+            _feasible_best(
+                hits[span].sum(0),
+                mrr[span].sum(0),
+                cold_hits[span].sum(0),
+                warm_hits[span].sum(0),
+                pure,
+                pairs=int(pairs[span].sum()),
+                complexity=complexity,
+            )
         )
-        chosen.append(best if pairs[g] >= min_group_pairs else overall)
     names = group_names()
 
     def rate(values: np.ndarray, count: int) -> float | None:
@@ -381,6 +407,10 @@ def choose_weights(
         "support_edges": list(SUPPORT_EDGES),
         "weights": {names[g]: weights_of(chosen[g]) for g in range(groups)},
         "pairs_by_group": {names[g]: int(pairs[g]) for g in range(groups)},
+        "chosen_on_groups": {
+            names[g]: [names[i] for i in range(lo, hi + 1)]
+            for g, (lo, hi) in enumerate(pooled_with)
+        },
         "hit_rate_at_10": {
             "blend": rate(sum(hits[g, chosen[g]] for g in range(groups)), pairs.sum()),
             **{c: rate(hits[:, i].sum(), pairs.sum()) for c, i in pure.items()},

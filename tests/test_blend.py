@@ -195,6 +195,54 @@ def test_the_choice_keeps_cold_pairs_at_least_as_good_as_content():
     assert len(grid) == 66
 
 
+@pytest.mark.parametrize(
+    ("pairs", "runs"),
+    [
+        # a shop: few new and sparsely bought items, most pairs among the popular ones
+        ((110, 120, 497, 36261), [(0, 1), (1, 2), (2, 2), (3, 3)]),
+        # the generated marketplace's split: the cold group reaches 200 only with 3-9
+        ((154, 3, 164, 2344), [(0, 2), (1, 3), (2, 3), (3, 3)]),
+        # not enough anywhere: every group is judged on all pairs
+        ((10, 20, 30, 40), [(0, 3)] * 4),
+    ],
+)
+def test_a_small_group_borrows_the_pairs_of_its_neighbours_in_support(pairs, runs):
+    counts = np.array(pairs)
+    assert [blend.pooled_groups(counts, g, 200) for g in range(4)] == runs
+
+
+def test_the_cold_group_is_chosen_with_the_sparsely_supported_not_the_popular():
+    rng = np.random.default_rng(5)
+    queries = []
+    for q in range(600):
+        support = 0.0 if q < 60 else 1.0 if q < 260 else 20.0
+        ids = [f"c{j}" for j in range(30)]
+        target = ids[int(rng.integers(30))]
+        sparse = support < 10
+        # Popular listings: co-interaction finds the target. The others: only content does,
+        # and the model points at a decoy.
+        cf = (
+            [] if support == 0 else [(i, 1 + (8 if i == target and not sparse else 0)) for i in ids]
+        )
+        content = [(i, rng.random() + (2.0 if i == target and sparse else 0.0)) for i in ids]
+        model = [(i, rng.random() + (2.0 if i == ids[0] and sparse else 0.0)) for i in ids]
+        found = query(
+            f"q{q}", cf=cf, content=content, model=model, targets=[target], support=support
+        )
+        queries.append(found)
+    choice = blend.choose_weights(queries, ITEMKNN, cf_limit=50)
+    assert choice["pairs_by_group"] == {
+        "cold": 60,
+        "users_1-2": 200,
+        "users_3-9": 0,
+        "users_10+": 340,
+    }
+    assert choice["chosen_on_groups"]["cold"] == ["cold", "users_1-2"]
+    assert choice["chosen_on_groups"]["users_10+"] == ["users_10+"]
+    assert choice["weights"]["cold"]["content"] >= 0.9
+    assert choice["hit_rate_at_10_by_group"]["cold"]["blend"] == pytest.approx(1.0)
+
+
 def test_too_little_validation_weighs_the_components_about_equally():
     choice = blend.choose_weights(
         [query("q", content=[("a", 1.0)], targets=["a"])], ITEMKNN, cf_limit=5
