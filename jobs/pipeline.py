@@ -139,7 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
             f"--{stage}-args",
             default="",
             metavar='"--flag value ..."',
-            help=f"more flags for the {stage} stage",
+            help=f"more flags for the {stage} stage (one flag alone: --{stage}-args=--flag)",
         )
     a = p.parse_args(argv)
     try:
