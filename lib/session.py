@@ -73,8 +73,6 @@ def build_session(
         # The embedded Delta writer lists exactly the files Spark wrote; _SUCCESS is noise there.
         .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-        # Plans of the wide feature and shard tables are logged whole instead of with a warning.
-        .config("spark.sql.debug.maxToStringFields", "1000")
     )
     for key, value in (extra_conf or {}).items():
         builder = builder.config(key, value)
