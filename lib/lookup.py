@@ -56,6 +56,8 @@ def neighbours_with_features(
 def format_value(value) -> str:
     if value is None:
         return "?"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a year or a count read as a double: shown as the whole number
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 100 else f"{value:g}"
     if isinstance(value, int) and not isinstance(value, bool):
