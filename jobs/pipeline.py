@@ -167,6 +167,8 @@ def parse_args(argv: Sequence[str] | None = None) -> PipelineArgs:
 
 def check_stage_args(args: PipelineArgs) -> None:
     """Each stage's extra flags parse with its own parser and leave what the run sets alone."""
+    if not args.stage_args:
+        return  # nothing to check: no stage command line (nor the spec it may write) is built
     base = stage_argv(replace(args, stage_args=()), Layout(args.root), "run-id", "version")
     for stage, extra in args.stage_args:
         owned = {token.split("=")[0] for token in base[stage] if token.startswith("--")}

@@ -375,10 +375,10 @@ def choose_weights(
     for g in range(groups):
         lo, hi = pooled_groups(pairs, g, min_group_pairs)
         pooled_with.append((lo, hi))
-        if pairs[lo : hi + 1].sum() < min_group_pairs:
+        span = slice(lo, hi + 1)
+        if pairs[span].sum() < min_group_pairs:
             chosen.append(overall)
             continue
-        span = slice(lo, hi + 1)
         chosen.append(
             _feasible_best(
                 hits[span].sum(0),
