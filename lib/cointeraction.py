@@ -4,13 +4,13 @@ One row per (listing, co-interacted listing) holds every count that the classic 
 similarities need: ItemKNN cosine over the binary or the weighted user×listing matrix with
 shrinkage, and RP3beta (Paudel et al. 2017, a random walk listing → user → listing with
 popularity penalised by ``deg^beta``). Each similarity variant is then a cheap function of those
-columns (``variant_scores``), so the shard stage does the one expensive self-join and later
-stages choose among the variants on validation without another pass over the interactions.
+columns (``variant_scores``), so the shard stage does the one expensive pass over the pairs and
+later stages choose among the variants on validation without another pass over the interactions.
 
 A user contributes at most ``max_items_per_user`` listings (the strongest), which bounds the
-self-join at ``max_items_per_user²`` pairs per user; each listing keeps, per variant, its
-``per_variant`` best partners, which bounds the table at ``len(VARIANTS) × per_variant`` rows
-per listing whatever the density of the data.
+pairs at ``max_items_per_user²`` per user; each listing keeps, per variant, its ``per_variant``
+best partners, which bounds the table at ``len(VARIANTS) × per_variant`` rows per listing
+whatever the density of the data.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from lib.ordering import sorted_positions
 from schemas import training_examples
 
 # Published ranges (Dacrema et al. 2019, "Are we really making much progress?"): ItemKNN shrink
@@ -94,8 +95,8 @@ class PairColumns:
     common: np.ndarray  # users who interacted with both
     dot: np.ndarray  # Σ_u w_u,listing · w_u,partner
     rp3: np.ndarray  # [n, len(RP3_ALPHAS)]: Σ_u deg(u)^-alpha over the common users
-    listing_users: float
-    listing_norm: float
+    listing_users: float | np.ndarray  # one per row where the rows are several listings'
+    listing_norm: float | np.ndarray
     partner_users: np.ndarray
     partner_norm: np.ndarray
 
@@ -111,7 +112,7 @@ def variant_scores(variant: Variant, pairs: PairColumns) -> np.ndarray:
     # P(listing -> user) = 1/deg(listing), P(user -> partner) = 1/deg(user), each raised to
     # alpha; the partner's popularity is divided out with deg^beta.
     mass = pairs.rp3[:, RP3_ALPHAS.index(variant.alpha)]
-    listing_part = max(pairs.listing_users, 1.0) ** -variant.alpha
+    listing_part = np.maximum(pairs.listing_users, 1.0) ** -variant.alpha
     return listing_part * mass * np.maximum(pairs.partner_users, 1.0) ** -variant.beta
 
 
@@ -143,113 +144,94 @@ def _query_idx(queries: DataFrame | None, listing_ids: DataFrame) -> DataFrame |
         queries.select("listing_id")
         .distinct()
         .join(listing_ids.select("listing_id", "listing_idx"), "listing_id")
-        .select(F.col("listing_idx").alias("a"))
+        .select("listing_idx", F.lit(True).alias("asked"))
     )
 
 
-# Pairs expanded in numpy before they are summed locally: bounds a task's memory.
+# Pairs expanded in numpy per Arrow batch, and pairs held before they are summed and truncated:
+# bounds a task's memory.
 _PAIR_CHUNK = 2_000_000
-_PAIR_SCHEMA = "a int, b int, common long, dot double, rp3 array<double>"
+# One row per (user, a, b): the user's degree, the weights' product and both listings' support,
+# so the pass that sums a listing's pairs needs no join.
+_PAIR_SCHEMA = (
+    "a int, b int, degree int, dot double, "
+    "a_users int, a_norm float, b_users int, b_norm float, a_then_rank long"
+)
+_PAIR_COLUMNS = [f.split()[0] for f in _PAIR_SCHEMA.split(", ")]
+_TRUNCATED_SCHEMA = (
+    "a int, b int, common int, dot float, listing_users int, neighbour_users int, "
+    "listing_norm float, neighbour_norm float, rp3 array<float>"
+)
 
 
-def _flush(a: list, b: list, w: list, deg: list) -> pa.RecordBatch:
-    """Sum the (a, b) pairs expanded so far: one row per distinct pair."""
-    a_all, b_all = np.concatenate(a), np.concatenate(b)
-    keys = (a_all.astype(np.int64) << 32) | b_all.astype(np.int64)
-    unique, inverse = np.unique(keys, return_inverse=True)
-    weights, degrees = np.concatenate(w), np.concatenate(deg)
-    rp3 = np.stack([np.bincount(inverse, weights=degrees**-alpha) for alpha in RP3_ALPHAS], axis=1)
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array((unique >> 32).astype(np.int32)),
-            pa.array((unique & 0xFFFFFFFF).astype(np.int32)),
-            pa.array(np.bincount(inverse).astype(np.int64)),
-            pa.array(np.bincount(inverse, weights=weights)),
-            pa.FixedSizeListArray.from_arrays(rp3.reshape(-1), len(RP3_ALPHAS)).cast(
-                pa.list_(pa.float64())
-            ),
-        ],
-        names=["a", "b", "common", "dot", "rp3"],
-    )
+def _batch(columns: dict[str, np.ndarray], names: Sequence[str]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([pa.array(columns[n]) for n in names], names=list(names))
+
+
+def _concat(parts: dict[str, list]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks}
 
 
 def _expand_users(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Per user (a list of listing, weight, is-query): every ordered pair of two of the user's
-    listings whose first is a query, summed within the task."""
-    a, b, w, deg, size = [], [], [], [], 0
+    """Per user (a list of their listings with weight, is-query and the listing's support): every
+    ordered pair of two of the user's listings whose first is a query."""
     for batch in batches:
         items = batch.column("items")
         offsets = items.offsets.to_numpy()
         offsets = offsets - offsets[0]
         flat = items.flatten()
-        listing = flat.field("listing").to_numpy(zero_copy_only=False)
-        weight = flat.field("weight").to_numpy(zero_copy_only=False)
-        asked = flat.field("asked").to_numpy(zero_copy_only=False)
-        for i in range(batch.num_rows):
-            start, stop = int(offsets[i]), int(offsets[i + 1])
-            n = stop - start
-            if n < 2:
-                continue
-            first = np.repeat(np.arange(start, stop), n)
-            second = np.tile(np.arange(start, stop), n)
-            keep = (first != second) & asked[first]
-            first, second = first[keep], second[keep]
-            a.append(listing[first])
-            b.append(listing[second])
-            w.append(weight[first] * weight[second])
-            deg.append(np.full(len(first), float(n)))
-            size += len(first)
-            if size >= _PAIR_CHUNK:
-                yield _flush(a, b, w, deg)
-                a, b, w, deg, size = [], [], [], [], 0
-    if size:
-        yield _flush(a, b, w, deg)
+        field = {name: flat.field(name).to_numpy(zero_copy_only=False) for name in flat.type.names}
+        sizes = np.diff(offsets)
+        firsts, seconds, degrees = [], [], []
+        for i in np.flatnonzero(sizes >= 2).tolist():
+            start, n = int(offsets[i]), int(sizes[i])
+            first = np.repeat(np.arange(start, start + n), n)
+            second = np.tile(np.arange(start, start + n), n)
+            keep = (first != second) & field["asked"][first]
+            firsts.append(first[keep])
+            seconds.append(second[keep])
+            degrees.append(np.full(int(keep.sum()), n, dtype=np.int32))
+        if not firsts:
+            continue
+        first, second = np.concatenate(firsts), np.concatenate(seconds)
+        degree = np.concatenate(degrees)
+        for at in range(0, len(first), _PAIR_CHUNK):
+            a, b = first[at : at + _PAIR_CHUNK], second[at : at + _PAIR_CHUNK]
+            yield _batch(
+                {
+                    "a": field["listing"][a],
+                    "b": field["listing"][b],
+                    "degree": degree[at : at + _PAIR_CHUNK],
+                    "dot": field["weight"][a] * field["weight"][b],
+                    "a_users": field["users"][a],
+                    "a_norm": field["norm"][a].astype(np.float32),
+                    "b_users": field["users"][b],
+                    "b_norm": field["norm"][b].astype(np.float32),
+                    # One long sorts faster than two columns (a radix sort on the key).
+                    "a_then_rank": (field["listing"][a].astype(np.int64) << 32)
+                    | field["rank"][b].astype(np.int64),
+                },
+                _PAIR_COLUMNS,
+            )
 
 
-def pair_statistics(capped: DataFrame, *, queries: DataFrame | None = None) -> DataFrame:
-    """(a, b, common, dot, rp3): ordered pairs of different listings with a common user;
-    ``a`` restricted to ``queries`` (column a) when given.
-
-    Each task expands its users' pairs in numpy and sums them before the shuffle, so equal pairs
-    of a task's users cross it once: a self-join of the interactions by user makes one JVM row
-    per pair (74M at 20k listings and 42k users), and its sum dominated the shard stage.
-    """
-    rows = capped
-    if queries is not None:
-        flags = queries.select(F.col("a").alias("listing_idx"), F.lit(True).alias("_asked"))
-        rows = rows.join(flags, "listing_idx", "left")
-    else:
-        rows = rows.withColumn("_asked", F.lit(True))
-    item = F.struct(
-        F.col("listing_idx").alias("listing"),
-        F.col("weight").cast("double").alias("weight"),
-        F.coalesce(F.col("_asked"), F.lit(False)).alias("asked"),
-    )
-    per_user = rows.groupBy("user_idx").agg(F.collect_list(item).alias("items"))
-    return (
-        per_user.mapInArrow(_expand_users, _PAIR_SCHEMA)
-        .groupBy("a", "b")
-        .agg(
-            F.sum("common").cast("int").alias("common"),
-            F.sum("dot").alias("dot"),
-            F.array(*[F.sum(F.col("rp3")[i]) for i in range(len(RP3_ALPHAS))]).alias("rp3"),
-        )
-    )
-
-
-def _columns(items: pa.StructArray, start: int, stop: int, row: dict) -> PairColumns:
-    part = items.slice(start, stop - start)
-    rp3 = part.field("rp3")
-    width = len(RP3_ALPHAS)
-    return PairColumns(
-        common=part.field("common").to_numpy(zero_copy_only=False).astype(np.float64),
-        dot=part.field("dot").to_numpy(zero_copy_only=False).astype(np.float64),
-        rp3=rp3.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, width),
-        listing_users=float(row["users"]),
-        listing_norm=float(row["norm"]),
-        partner_users=part.field("b_users").to_numpy(zero_copy_only=False).astype(np.float64),
-        partner_norm=part.field("b_norm").to_numpy(zero_copy_only=False).astype(np.float64),
-    )
+def _summed(held: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row per (a, b) of rows sorted by a then the partner's rank: common users, sums."""
+    a, key = held["a"], held["a_then_rank"]
+    new = np.r_[True, key[1:] != key[:-1]]
+    first = np.flatnonzero(new)
+    inverse = np.cumsum(new) - 1
+    degree = held["degree"].astype(np.float64)
+    return {
+        "a": a[first],
+        "b": held["b"][first],
+        "common": np.bincount(inverse).astype(np.int32),
+        "dot": np.bincount(inverse, weights=held["dot"]),
+        "rp3": np.stack(
+            [np.bincount(inverse, weights=degree**-alpha) for alpha in RP3_ALPHAS], axis=1
+        ),
+        **{name: held[name][first] for name in ("a_users", "a_norm", "b_users", "b_norm")},
+    }
 
 
 def top_positions(scores: np.ndarray, keys: np.ndarray, count: int) -> np.ndarray:
@@ -258,44 +240,86 @@ def top_positions(scores: np.ndarray, keys: np.ndarray, count: int) -> np.ndarra
     return order[:count]
 
 
+def _best_rows(scores: np.ndarray, count: int) -> np.ndarray:
+    """Rows among the ``count`` best of any column of ``scores`` (rows in tie-break order): all
+    above a column's ``count``-th best score, and the first of those equal to it."""
+    threshold = -np.partition(-scores, count - 1, axis=0)[count - 1]
+    above = scores > threshold
+    level = scores == threshold
+    room = count - above.sum(axis=0)
+    return (above | (level & (np.cumsum(level, axis=0) <= room))).any(axis=1)
+
+
+def _kept(columns: dict[str, np.ndarray], variants: Sequence[Variant], per_variant: int):
+    """Which rows each listing ``a`` keeps: the union over ``variants`` of its ``per_variant``
+    best partners, ties by the partner's rank (its listing_id's sort order)."""
+    pairs = PairColumns(
+        common=columns["common"].astype(np.float64),
+        dot=columns["dot"],
+        rp3=columns["rp3"],
+        listing_users=columns["a_users"].astype(np.float64),
+        listing_norm=columns["a_norm"].astype(np.float64),
+        partner_users=columns["b_users"].astype(np.float64),
+        partner_norm=columns["b_norm"].astype(np.float64),
+    )
+    a = columns["a"]
+    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    stops = np.r_[starts[1:], len(a)]
+    keep = np.ones(len(a), dtype=bool)
+    crowded = np.flatnonzero(stops - starts > per_variant)
+    if not len(crowded):
+        return keep
+    scores = np.empty((len(a), len(variants)))
+    for j, variant in enumerate(variants):
+        scores[:, j] = variant_scores(variant, pairs)
+    for start, stop in zip(starts[crowded].tolist(), stops[crowded].tolist(), strict=True):
+        keep[start:stop] = _best_rows(scores[start:stop], per_variant)
+    return keep
+
+
 def _truncate(variants: Sequence[Variant], per_variant: int):
+    """Over a partition sorted by ``a`` and the partner's rank: the sums of each (a, b), then
+    each ``a``'s kept partners. A listing's rows may span batches, so a listing is held until
+    the next starts: a task holds ``_PAIR_CHUNK`` pairs or one listing's, whichever is more."""
+
+    def finish(held: dict[str, np.ndarray]) -> pa.RecordBatch:
+        columns = _summed(held)
+        keep = _kept(columns, variants, per_variant)
+        rp3 = columns["rp3"][keep].astype(np.float32)
+        return pa.RecordBatch.from_arrays(
+            [
+                pa.array(columns["a"][keep]),
+                pa.array(columns["b"][keep]),
+                pa.array(columns["common"][keep]),
+                pa.array(columns["dot"][keep].astype(np.float32)),
+                pa.array(columns["a_users"][keep]),
+                pa.array(columns["b_users"][keep]),
+                pa.array(columns["a_norm"][keep]),
+                pa.array(columns["b_norm"][keep]),
+                pa.FixedSizeListArray.from_arrays(rp3.reshape(-1), len(RP3_ALPHAS)).cast(
+                    pa.list_(pa.float32())
+                ),
+            ],
+            names=[f.split()[0] for f in _TRUNCATED_SCHEMA.split(", ")],
+        )
+
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        held: dict[str, list] = {name: [] for name in _PAIR_COLUMNS}
+        size = 0
         for batch in batches:
-            lists = batch.column("items")
-            items = lists.flatten()
-            offsets = lists.offsets.to_numpy()
-            offsets = offsets - offsets[0]
-            users = batch.column("users").to_numpy(zero_copy_only=False)
-            norms = batch.column("norm").to_numpy(zero_copy_only=False)
-            partners = np.asarray(items.field("neighbour_id").to_pylist(), dtype=object)
-            kept: list[np.ndarray] = []
-            for i in range(batch.num_rows):
-                start, stop = int(offsets[i]), int(offsets[i + 1])
-                columns = _columns(items, start, stop, {"users": users[i], "norm": norms[i]})
-                keep = np.zeros(stop - start, dtype=bool)
-                for variant in variants:
-                    scores = variant_scores(variant, columns)
-                    keep[top_positions(scores, partners[start:stop], per_variant)] = True
-                kept.append(np.flatnonzero(keep) + start)
-            if not kept:
+            for name in _PAIR_COLUMNS:
+                held[name].append(batch.column(name).to_numpy(zero_copy_only=False))
+            size += batch.num_rows
+            if size < _PAIR_CHUNK:
                 continue
-            taken_at = np.concatenate(kept)
-            owner = np.repeat(np.arange(batch.num_rows), np.diff(offsets))[taken_at]
-            taken = items.take(pa.array(taken_at))
-            yield pa.RecordBatch.from_arrays(
-                [
-                    batch.column("listing_id").take(pa.array(owner)),
-                    taken.field("neighbour_id"),
-                    taken.field("common"),
-                    taken.field("dot").cast(pa.float32()),
-                    pa.array(users[owner], pa.int32()),
-                    taken.field("b_users"),
-                    pa.array(norms[owner], pa.float32()),
-                    taken.field("b_norm").cast(pa.float32()),
-                    taken.field("rp3").cast(pa.list_(pa.float32())),
-                ],
-                names=list(training_examples.COINTERACTION_SCHEMA.fieldNames()),
-            )
+            columns = _concat(held)
+            done = columns["a"] != columns["a"][-1]
+            if done.any():
+                yield finish({name: values[done] for name, values in columns.items()})
+                held = {name: [values[~done]] for name, values in columns.items()}
+                size = int((~done).sum())
+        if size:
+            yield finish(_concat(held))
 
     return run
 
@@ -316,36 +340,44 @@ def cointeraction_table(
     ``examples`` are training examples (user_idx, listing_idx, weight); ``listing_ids`` maps
     listing_idx to listing_id (the shard stage's listing features). With ``queries`` (a
     listing_id column), only those listings' rows are built: validation needs no more.
+
+    One shuffle of the pairs: each task expands its users' pairs in numpy, each pair carrying
+    both listings' support, and shuffles them by ``a``; a task then sums each listing's pairs
+    and keeps its best partners in the same pass. (Summing by (a, b) first, then joining the
+    support and grouping by listing, shuffled every pair three times.) Partners tie by their
+    listing_id's rank, one sort of the ids.
     """
     capped = capped_interactions(examples, max_items_per_user=max_items_per_user)
-    support = listing_support(capped)
     ids = listing_ids.select("listing_idx", "listing_id")
-    pairs = (
-        pair_statistics(capped, queries=_query_idx(queries, listing_ids))
-        .join(
-            support.select(
-                F.col("listing_idx").alias("b"),
-                F.col("users").alias("b_users"),
-                F.col("norm").alias("b_norm"),
-            ),
-            "b",
-        )
-        .join(
-            ids.select(F.col("listing_idx").alias("b"), F.col("listing_id").alias("neighbour_id")),
-            "b",
-        )
+    ranks = sorted_positions(ids, ["listing_id"], "rank").join(ids, "listing_id")
+    rows = capped.join(listing_support(capped), "listing_idx").join(
+        ranks.select("listing_idx", "rank"), "listing_idx"
     )
-    items = F.struct("neighbour_id", "common", "dot", "b_users", "b_norm", "rp3")
-    grouped = (
-        pairs.groupBy("a")
-        .agg(F.collect_list(items).alias("items"))
-        .join(support.select(F.col("listing_idx").alias("a"), "users", "norm"), "a")
-        .join(ids.select(F.col("listing_idx").alias("a"), "listing_id"), "a")
-        .select("listing_id", "users", "norm", "items")
+    asked = _query_idx(queries, listing_ids)
+    if asked is None:
+        rows = rows.withColumn("asked", F.lit(True))
+    else:
+        rows = rows.join(asked, "listing_idx", "left").fillna(False, subset=["asked"])
+    item = F.struct(
+        F.col("listing_idx").alias("listing"),
+        F.col("weight").cast("double").alias("weight"),
+        "asked",
+        "users",
+        "norm",
+        "rank",
     )
-    return grouped.mapInArrow(
-        _truncate(tuple(variants), per_variant), training_examples.COINTERACTION_SCHEMA
+    truncated = (
+        rows.groupBy("user_idx")
+        .agg(F.collect_list(item).alias("items"))
+        .mapInArrow(_expand_users, _PAIR_SCHEMA)
+        .repartition("a")
+        .sortWithinPartitions("a_then_rank")
+        .mapInArrow(_truncate(tuple(variants), per_variant), _TRUNCATED_SCHEMA)
     )
+    named = ids.select(F.col("listing_idx").alias("a"), "listing_id").join(truncated, "a")
+    return named.join(
+        ids.select(F.col("listing_idx").alias("b"), F.col("listing_id").alias("neighbour_id")), "b"
+    ).select(*training_examples.COINTERACTION_SCHEMA.fieldNames())
 
 
 def grouped_partners(cointeraction: DataFrame) -> DataFrame:

@@ -262,6 +262,7 @@ def write_shards(
                 queries=queries,
             )
             write_parquet(table, out / name, training_examples.COINTERACTION_SPEC)
+            clock.done(name)
         write_parquet(
             shards.pair_examples(
                 written["train"],
@@ -273,7 +274,7 @@ def write_shards(
             training_examples.PAIR_EXAMPLES_SPEC,
             row_group_bytes=8 << 20,
         )
-        clock.done("cointeraction")
+        clock.done("train_pairs")
         counts.update(
             listing_features.agg(
                 F.count(F.lit(1)).alias("listings"),

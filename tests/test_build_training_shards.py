@@ -188,7 +188,9 @@ def test_shards_manifest_counts_and_files(spark, tmp_path):
         "training_examples",
         "listing_features",
         "holdout",
-        "cointeraction",
+        "cointeraction_fit",
+        "cointeraction_full",
+        "train_pairs",
         "counts",
     }
     assert all(v >= 0 for v in steps.values()) and sum(steps.values()) <= manifest["seconds"]
