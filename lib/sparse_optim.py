@@ -74,7 +74,12 @@ class SparseRowAdam(torch.optim.Optimizer):
 class SparseGradientSync:
     """Average sparse (COO, row-indexed) gradients across ranks: every rank all-gathers the
     others' touched rows and values, padded to the largest count, and sums duplicates. The same
-    arithmetic as DDP's sparse all-reduce, through dense gloo collectives only."""
+    arithmetic as DDP's sparse all-reduce, through dense gloo collectives only.
+
+    Two collectives per step whatever the number of tables: the row counts, then one byte
+    buffer holding every table's rows and values. On a 2-core box a gloo collective costs about
+    a millisecond, as much as a fifth of a step's compute.
+    """
 
     def __init__(self, params: list[torch.nn.Parameter], group=None):
         self.params = params
@@ -89,31 +94,52 @@ class SparseGradientSync:
     def __call__(self) -> None:
         world = dist.get_world_size(self.group)
         grads = [self._coalesced(p) for p in self.params]
-        counts = torch.tensor([g.indices().shape[1] for g in grads], dtype=torch.int64)
+        counts = torch.tensor([g._nnz() for g in grads], dtype=torch.int64)
         gathered = [torch.empty_like(counts) for _ in range(world)]
         dist.all_gather(gathered, counts, group=self.group)
         sizes = torch.stack(gathered)  # (world, params)
-        for i, (p, grad) in enumerate(zip(self.params, grads, strict=True)):
-            most = int(sizes[:, i].max())
-            rows = torch.zeros(most, dtype=torch.int64)
-            values = torch.zeros((most, *grad.shape[1:]), dtype=grad.dtype)
-            n = grad.indices().shape[1]
-            rows[:n] = grad.indices()[0].cpu()
-            values[:n] = grad.values().cpu()
-            all_rows = [torch.empty_like(rows) for _ in range(world)]
-            all_values = [torch.empty_like(values) for _ in range(world)]
-            dist.all_gather(all_rows, rows, group=self.group)
-            dist.all_gather(all_values, values, group=self.group)
-            keep = [int(c) for c in sizes[:, i]]
+        capacity = sizes.max(dim=0).values.tolist()
+        buffer = torch.cat(
+            [self._padded_bytes(grad, most) for grad, most in zip(grads, capacity, strict=True)]
+        )
+        buffers = [torch.empty_like(buffer) for _ in range(world)]
+        dist.all_gather(buffers, buffer, group=self.group)
+        offset = 0
+        for i, (p, grad, most) in enumerate(zip(self.params, grads, capacity, strict=True)):
+            row_bytes, value_bytes = most * 8, most * self._row_bytes(grad)
+            padded = -(-value_bytes // 8) * 8
+            parts = []
+            for rank, received in enumerate(buffers):
+                n = int(sizes[rank, i])
+                rows = received[offset : offset + row_bytes].view(torch.int64)[:n]
+                values = received[offset + row_bytes : offset + row_bytes + value_bytes]
+                parts.append((rows, values.view(grad.dtype).view(most, *grad.shape[1:])[:n]))
+            offset += row_bytes + padded
             merged = torch.sparse_coo_tensor(
-                torch.cat([r[:c] for r, c in zip(all_rows, keep, strict=True)])[None],
-                torch.cat([v[:c] for v, c in zip(all_values, keep, strict=True)]) / world,
+                torch.cat([rows for rows, _ in parts])[None],
+                torch.cat([values for _, values in parts]) / world,
                 grad.shape,
                 # Indices come from coalesced gradients of this very table: in range by
                 # construction, so the check would only cost time (and torch warns without it).
                 check_invariants=False,
             )
             p.grad = merged.coalesce().to(p.device)
+
+    @staticmethod
+    def _row_bytes(grad: torch.Tensor) -> int:
+        return math.prod(grad.shape[1:]) * grad.dtype.itemsize
+
+    @classmethod
+    def _padded_bytes(cls, grad: torch.Tensor, most: int) -> torch.Tensor:
+        """The gradient's rows (int64) then its values, as bytes padded to ``most`` rows."""
+        rows = torch.zeros(most, dtype=torch.int64)
+        values = torch.zeros((most, *grad.shape[1:]), dtype=grad.dtype)
+        n = grad._nnz()
+        rows[:n] = grad.indices()[0].cpu()
+        values[:n] = grad.values().cpu()
+        # Each part starts at a multiple of 8 bytes, so the receiver can view the rows as int64.
+        padding = torch.zeros(-values.nbytes % 8, dtype=torch.uint8)
+        return torch.cat([rows.view(torch.uint8), values.reshape(-1).view(torch.uint8), padding])
 
     @staticmethod
     def _coalesced(p: torch.nn.Parameter) -> torch.Tensor:

@@ -464,8 +464,10 @@ def _sync_rank(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(rank)  # different tables per rank: the broadcast must align them
     users = torch.nn.Embedding(6, 2, sparse=True)
-    listings = torch.nn.Embedding(5, 2, sparse=True)
-    sync = sparse_optim.SparseGradientSync([users.weight, listings.weight])
+    # Three floats a row and one row in the first table: the next table's rows start off an
+    # 8-byte boundary unless the packed buffer pads them.
+    listings = torch.nn.Embedding(5, 3, sparse=True)
+    sync = sparse_optim.SparseGradientSync([listings.weight, users.weight])
     sync.broadcast_from_rank_zero()
     # Rank 0 touches users 1 (twice) and 3; rank 1 touches users 3 and 5. Only rank 0 uses the
     # listings table, so rank 1 has no gradient for it.
@@ -495,7 +497,7 @@ def test_sparse_gradient_sync_averages_rows_across_ranks(tmp_path):
 
     users = torch.zeros(6, 2)
     users[1], users[3], users[5] = 2 / 2, (1 + 2) / 2, 2 / 2  # mean of the two ranks' sums
-    listings = torch.zeros(5, 2)
+    listings = torch.zeros(5, 3)
     listings[4] = 2 / 2
     for rank in got:
         torch.testing.assert_close(rank["users_grad"], users)
