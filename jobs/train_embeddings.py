@@ -35,6 +35,7 @@ class TrainArgs:
     seed: int = 7
     max_restarts: int = 3
     min_steps: int = 1_000
+    patience: int = 3
     user_weight: float = 1.0
     pair_weight: float = 1.0
     align_weight: float = 0.1
@@ -52,6 +53,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
         default=d.min_steps,
         help="more epochs for small data: at least this many steps per rank; the "
         "epoch best on the validation pairs is kept",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="stop after this many validations without a better hit rate (0: never)",
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--dim", type=int, default=d.dim)

@@ -78,6 +78,9 @@ class TrainParams:
     align_weight: float = 0.1
     # Validation (and the checkpoint that goes with it) runs after at most this many epochs.
     max_validations: int = 10
+    # Training stops once this many validations in a row scored no better than an earlier one
+    # (0: never); the best epoch's weights are kept either way.
+    patience: int = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +250,15 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         )
 
     for epoch in range(start_epoch, epochs):
+        # Every rank holds the same validation numbers, so all of them stop at the same epoch
+        # (a run resumed after it stopped stops again here).
+        if _stalled(history, params.patience):
+            if rank == 0:
+                log(
+                    f"stopping after epoch {epoch}: {params.patience} validations without a "
+                    "better hit rate"
+                )
+            break
         _seed_everything(params.seed, epoch, rank)
         dataset.set_epoch(epoch)
         net.train()
@@ -310,6 +322,7 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
     best_epoch = _best_epoch(history)
     metrics = _metrics(params, model, history, world, step, resumed_from)
     metrics["best_epoch"] = best_epoch
+    metrics["stopped_early"] = history[-1]["epoch"] < epochs
     metrics["validation_hit_rate_at_10"] = next(
         (h.get("validation_hit_rate_at_10") for h in history if h["epoch"] == best_epoch), None
     )
@@ -401,6 +414,18 @@ def _endless(dataset: ShardDataset, loader: DataLoader, epoch: int) -> Iterator[
         # Distinct from every other epoch's passes, the same on every rank.
         dataset.set_epoch(epoch * 1_000_003 + n)
         yield from loader
+
+
+def _stalled(history: list[dict[str, Any]], patience: int) -> bool:
+    """Whether the last ``patience`` validations all scored no better than an earlier one."""
+    scores = [
+        h["validation_hit_rate_at_10"]
+        for h in history
+        if h.get("validation_hit_rate_at_10") is not None
+    ]
+    if patience <= 0 or len(scores) <= patience:
+        return False
+    return max(scores[-patience:]) <= max(scores[:-patience])
 
 
 def _best_epoch(history: list[dict[str, Any]]) -> int:

@@ -10,7 +10,7 @@ from lib.loader import ListingFeatures
 from lib.model import TwoTowerConfig, TwoTowerModel
 from lib.model_selection import read_validation_set, validation_hit_rate
 from lib.schema_check import arrow_schema
-from lib.training import _best_epoch
+from lib.training import _best_epoch, _stalled
 from schemas.training_examples import LISTING_FEATURES_SPEC
 
 CARDS = (("make", 4), ("model", 6))
@@ -108,3 +108,15 @@ def test_the_best_validated_epoch_wins_and_the_earliest_of_equals():
     ]
     assert _best_epoch(history) == 3
     assert _best_epoch([{"epoch": 1}, {"epoch": 2}]) == 2
+
+
+def test_training_stalls_when_the_last_validations_do_not_beat_an_earlier_one():
+    def history(*scores):
+        return [{"epoch": i + 1, "validation_hit_rate_at_10": v} for i, v in enumerate(scores)]
+
+    assert _stalled(history(0.2, 0.5, 0.4, 0.5, 0.3), patience=3)  # a tie is no better
+    assert not _stalled(history(0.2, 0.5, 0.4, 0.6, 0.3), patience=3)
+    assert not _stalled(history(0.5, 0.4, 0.3), patience=3)  # nothing earlier to compare with
+    assert not _stalled(history(0.5, 0.4, 0.3, 0.2), patience=0)
+    # Epochs without validation do not count.
+    assert _stalled([*history(0.5, 0.1), {"epoch": 3}], patience=1)

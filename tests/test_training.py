@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lib import sparse_optim, train_driver, training
-from lib.checkpoints import checkpoint_path, latest_checkpoint, load_artifact
+from lib.checkpoints import checkpoint_path, latest_checkpoint, load_artifact, load_checkpoint
 from lib.schema_check import arrow_schema
 from lib.train_driver import run_distributed, run_with_restarts
 from lib.training import TrainParams, read_manifest, train_worker
@@ -422,6 +422,35 @@ def test_train_worker_runs_as_one_rank_without_launcher_env(shards, tmp_path, mo
     metrics = train_worker(params(shards, tmp_path / "run", epochs=1))
     assert metrics["world_size"] == 1
     assert (tmp_path / "run" / "model.pt").exists()
+
+
+def test_training_stops_once_validation_stalls_and_keeps_the_best_epoch(
+    shards, tmp_path, single_rank, monkeypatch
+):
+    # Validated after every epoch: epochs 3 to 5 score no better than epoch 2, so epoch 6 (which
+    # would have scored best) never runs.
+    scores = iter([0.2, 0.5, 0.4, 0.5, 0.3, 0.9])
+    monkeypatch.setattr(training, "read_validation_set", lambda *a, **k: ["a pair"])
+    monkeypatch.setattr(training, "validation_hit_rate", lambda *a, **k: next(scores))
+    out = tmp_path / "run"
+    metrics = train_worker(params(shards, out, epochs=6, patience=3))
+
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5]
+    assert metrics["stopped_early"] is True
+    assert metrics["best_epoch"] == 2
+    assert metrics["validation_hit_rate_at_10"] == 0.5
+    best = load_checkpoint(checkpoint_path(str(out), 2))["model"]
+    assert all(torch.equal(v, best[k]) for k, v in state_of(out).items())
+
+
+def test_training_without_patience_runs_every_epoch(shards, tmp_path, single_rank, monkeypatch):
+    scores = iter([0.5, 0.1, 0.1, 0.1])
+    monkeypatch.setattr(training, "read_validation_set", lambda *a, **k: ["a pair"])
+    monkeypatch.setattr(training, "validation_hit_rate", lambda *a, **k: next(scores))
+    metrics = train_worker(params(shards, tmp_path / "run", epochs=4, patience=0))
+
+    assert len(metrics["epochs"]) == 4 and metrics["stopped_early"] is False
+    assert metrics["best_epoch"] == 1
 
 
 def test_sparse_row_adam_matches_torch_sparse_adam():
