@@ -162,6 +162,7 @@ _TRUNCATED_SCHEMA = (
     "a int, b int, common int, dot float, listing_users int, neighbour_users int, "
     "listing_norm float, neighbour_norm float, rp3 array<float>"
 )
+_TRUNCATED_COLUMNS = [f.split()[0] for f in _TRUNCATED_SCHEMA.split(", ")]
 
 
 def _batch(columns: dict[str, np.ndarray], names: Sequence[str]) -> pa.RecordBatch:
@@ -300,7 +301,7 @@ def _truncate(variants: Sequence[Variant], per_variant: int):
                     pa.list_(pa.float32())
                 ),
             ],
-            names=[f.split()[0] for f in _TRUNCATED_SCHEMA.split(", ")],
+            names=_TRUNCATED_COLUMNS,
         )
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -71,6 +71,12 @@ class SparseRowAdam(torch.optim.Optimizer):
         return loss
 
 
+def _aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to 8: each part of the sync buffer starts where int64 rows can be
+    viewed."""
+    return -(-nbytes // 8) * 8
+
+
 class SparseGradientSync:
     """Average sparse (COO, row-indexed) gradients across ranks: every rank all-gathers the
     others' touched rows and values, padded to the largest count, and sums duplicates. The same
@@ -106,15 +112,14 @@ class SparseGradientSync:
         dist.all_gather(buffers, buffer, group=self.group)
         offset = 0
         for i, (p, grad, most) in enumerate(zip(self.params, grads, capacity, strict=True)):
-            row_bytes, value_bytes = most * 8, most * self._row_bytes(grad)
-            padded = -(-value_bytes // 8) * 8
+            row_bytes, value_bytes = most * 8, self._value_bytes(grad, most)
             parts = []
             for rank, received in enumerate(buffers):
                 n = int(sizes[rank, i])
                 rows = received[offset : offset + row_bytes].view(torch.int64)[:n]
                 values = received[offset + row_bytes : offset + row_bytes + value_bytes]
                 parts.append((rows, values.view(grad.dtype).view(most, *grad.shape[1:])[:n]))
-            offset += row_bytes + padded
+            offset += row_bytes + _aligned(value_bytes)
             merged = torch.sparse_coo_tensor(
                 torch.cat([rows for rows, _ in parts])[None],
                 torch.cat([values for _, values in parts]) / world,
@@ -126,8 +131,8 @@ class SparseGradientSync:
             p.grad = merged.coalesce().to(p.device)
 
     @staticmethod
-    def _row_bytes(grad: torch.Tensor) -> int:
-        return math.prod(grad.shape[1:]) * grad.dtype.itemsize
+    def _value_bytes(grad: torch.Tensor, most: int) -> int:
+        return most * math.prod(grad.shape[1:]) * grad.dtype.itemsize
 
     @classmethod
     def _padded_bytes(cls, grad: torch.Tensor, most: int) -> torch.Tensor:
@@ -137,8 +142,8 @@ class SparseGradientSync:
         n = grad._nnz()
         rows[:n] = grad.indices()[0].cpu()
         values[:n] = grad.values().cpu()
-        # Each part starts at a multiple of 8 bytes, so the receiver can view the rows as int64.
-        padding = torch.zeros(-values.nbytes % 8, dtype=torch.uint8)
+        value_bytes = cls._value_bytes(grad, most)
+        padding = torch.zeros(_aligned(value_bytes) - value_bytes, dtype=torch.uint8)
         return torch.cat([rows.view(torch.uint8), values.reshape(-1).view(torch.uint8), padding])
 
     @staticmethod
