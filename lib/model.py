@@ -174,6 +174,17 @@ class TwoTowerModel(nn.Module):
         """The id tables (sparse gradients): optimise with a sparse optimizer (lazy Adam)."""
         return [self.user_embedding.weight, self.listing_embedding.weight]
 
+    def sparse_row_bounds(self, batch_size: int, pairs: bool) -> list[int]:
+        """The most rows one step's gradient can touch in each id table (``sparse_parameters``
+        order), for batches of ``batch_size`` user examples and, with ``pairs``, as many
+        listing pairs: one row per lookup at most. A user example looks up its user and its
+        listing; a pair its listing and its context (the alignment term reuses the context)."""
+        listing_lookups = batch_size * (3 if pairs else 1)
+        return [
+            min(batch_size, self.config.num_users),
+            min(listing_lookups, self.config.num_listings),
+        ]
+
     def dense_parameters(self) -> list[nn.Parameter]:
         """Everything else (feature embeddings, MLP): optimise with AdamW."""
         sparse = {id(p) for p in self.sparse_parameters()}

@@ -190,11 +190,7 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
 
     torch.manual_seed(params.seed)
     model = TwoTowerModel(config).to(device)
-    # Ranks that share gradients use torch's reference SparseAdam: while hunting a 2-rank heap
-    # corruption (README) it ran cleaner than SparseRowAdam, though the crash still recurs. A
-    # single rank keeps the faster row-wise update.
-    sparse_optimizer = SparseRowAdam if world == 1 else torch.optim.SparseAdam
-    sparse_opt = sparse_optimizer(list(model.sparse_parameters()), lr=params.sparse_lr)
+    sparse_opt = SparseRowAdam(list(model.sparse_parameters()), lr=params.sparse_lr)
     # fused: one kernel for all dense tensors instead of a dozen small ops per step.
     dense_opt = torch.optim.AdamW(
         model.dense_parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True
@@ -206,7 +202,10 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         if rank == 0:
             log(f"resumed from epoch {start_epoch} (step {step})")
 
-    net, sync_sparse = _distributed(model, device, world)
+    pair_files = [str(Path(params.shards_dir) / f) for f in manifest.get("pair_files", [])]
+    with_pairs = bool(pair_files) and config.pair_weight > 0
+    row_bounds = model.sparse_row_bounds(params.batch_size, with_pairs)
+    net, sync_sparse = _distributed(model, device, world, row_bounds)
     listing_features = read_listing_features(
         Path(params.shards_dir) / "listing_features",
         config.num_listings,
@@ -235,8 +234,7 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
         )
 
     dataset, loader = shard_loader(files, False)
-    pair_files = [str(Path(params.shards_dir) / f) for f in manifest.get("pair_files", [])]
-    pairs = shard_loader(pair_files, True) if pair_files and config.pair_weight > 0 else None
+    pairs = shard_loader(pair_files, True) if with_pairs else None
     epochs = max(params.epochs, math.ceil(params.min_steps / max(len(dataset), 1)))
     validate_every = max(1, math.ceil(epochs / max(params.max_validations, 1)))
     validation = read_validation_set(params.shards_dir, config.num_listings, seed=params.seed)
@@ -337,17 +335,18 @@ def _train(params: TrainParams, device: torch.device) -> dict[str, Any]:
 
 
 def _distributed(
-    model: TwoTowerModel, device: torch.device, world: int
+    model: TwoTowerModel, device: torch.device, world: int, row_bounds: list[int]
 ) -> tuple[torch.nn.Module, SparseGradientSync | None]:
     """The module the training loop calls (the model itself for one rank, else DDP) and, with
     several ranks, the step that averages the id tables' sparse gradients after ``backward``.
 
     With one rank there is nothing to synchronise and DDP's hooks and buckets are pure
-    overhead. With several, DDP all-reduces the dense gradients (feature embeddings and the
-    MLP: small) and ignores the id tables, whose sparse gradients ``SparseGradientSync``
-    averages with dense all-gathers: 2-rank runs with DDP's own sparse all-reduce (gloo's)
-    intermittently corrupted the heap (README). On GPUs both talk over a gloo group: public
-    NCCL builds have no sparse all-reduce.
+    overhead. With several, DDP averages the dense gradients (feature embeddings and the MLP:
+    small; on CPU by one all-gather, ``_gathered_mean``) and ignores the id tables, whose
+    sparse gradients ``SparseGradientSync`` averages with one dense all-gather: 2-rank runs
+    with DDP's own sparse all-reduce (gloo's) intermittently corrupted the heap
+    (docs/design-notes.md). On GPUs both talk over a gloo group: public NCCL builds have no
+    sparse all-reduce.
     """
     if world == 1:
         return model, None
@@ -367,9 +366,29 @@ def _distributed(
         # corrupted the heap within ~1,000 steps at 2 ranks.
         gradient_as_bucket_view=False,
     )
-    sync = SparseGradientSync(model.sparse_parameters(), group)
+    if device.type == "cpu":
+        net.register_comm_hook(group, _gathered_mean)
+    sync = SparseGradientSync(model.sparse_parameters(), row_bounds, group)
     sync.broadcast_from_rank_zero()
     return net, sync
+
+
+# No return annotation: DDP accepts none or the evaluated Future[Tensor], and this module's
+# annotations are strings.
+def _gathered_mean(group, bucket):
+    """DDP comm hook: a bucket's mean over ranks (a ``Future``) by one all-gather and a local
+    sum.
+
+    The dense gradients are small (about 30k floats); for them gloo's ring all-reduce costs
+    over twice an all-gather on two ranks (2.5 against 1.1 ms on the 2-core box). Every rank
+    sums the same gathered tensors in the same order, so the replicas stay bit-identical.
+    Gloo has no all-gather of CUDA tensors, so GPU ranks keep DDP's own all-reduce.
+    """
+    gradients = bucket.buffer()
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(gradients) for _ in range(world)]
+    done = dist.all_gather(gathered, gradients, group=group, async_op=True).get_future()
+    return done.then(lambda _: torch.stack(gathered).sum(dim=0).div_(world))
 
 
 def _epoch_summary(

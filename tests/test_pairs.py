@@ -168,6 +168,21 @@ def test_alignment_is_zero_when_ids_add_nothing_and_positive_otherwise():
     assert model.alignment_loss(batch).item() > 0.01
 
 
+def test_a_step_touches_at_most_the_row_bounds_of_its_id_tables():
+    model = TwoTowerModel(config(num_users=8, num_listings=40))
+    users = pair_batch([0, 1, 2, 3], [0, 1, 2, 3], n_listings=40)
+    users = {k: v for k, v in users.items() if not k.startswith("context")}
+    users["user_idx"] = torch.tensor([4, 5, 6, 7])
+    # Every lookup a different row: the gradients reach the bounds exactly.
+    pairs = pair_batch([4, 5, 6, 7], [8, 9, 10, 11], n_listings=40)
+    model({"users": users, "pairs": pairs}).backward()
+
+    touched = [p.grad.coalesce()._nnz() for p in model.sparse_parameters()]
+    assert touched == model.sparse_row_bounds(4, pairs=True) == [4, 12]
+    assert model.sparse_row_bounds(4, pairs=False) == [4, 4]
+    assert model.sparse_row_bounds(64, pairs=True) == [8, 40]  # at most the tables
+
+
 def test_loss_terms_are_weighted_and_configs_checked():
     torch.manual_seed(2)
     batch = pair_batch([0, 1, 2], [1, 2, 0])

@@ -496,7 +496,8 @@ def _sync_rank(rank: int, init_file: str, out_dir: str) -> None:
     # Three floats a row and one row in the first table: the next table's rows start off an
     # 8-byte boundary unless the packed buffer pads them.
     listings = torch.nn.Embedding(5, 3, sparse=True)
-    sync = sparse_optim.SparseGradientSync([listings.weight, users.weight])
+    # Bounds above the touched rows (3 listings, 4 users): each rank's part is padded.
+    sync = sparse_optim.SparseGradientSync([listings.weight, users.weight], [3, 4])
     sync.broadcast_from_rank_zero()
     # Rank 0 touches users 1 (twice) and 3; rank 1 touches users 3 and 5. Only rank 0 uses the
     # listings table, so rank 1 has no gradient for it.
@@ -533,3 +534,75 @@ def test_sparse_gradient_sync_averages_rows_across_ranks(tmp_path):
         torch.testing.assert_close(rank["listings_grad"], listings)
     assert torch.equal(got[0]["users"], got[1]["users"])
     assert torch.equal(got[0]["listings"], got[1]["listings"])
+
+
+def test_sparse_gradient_sync_refuses_a_gradient_over_its_bound():
+    users = torch.nn.Embedding(6, 2, sparse=True)
+    users(torch.tensor([1, 2, 3])).sum().backward()
+    with pytest.raises(RuntimeError, match="3 rows, more than its bound of 2"):
+        sparse_optim.SparseGradientSync([users.weight], [2])()
+
+
+def _ddp_config():
+    from lib.model import TwoTowerConfig
+
+    return TwoTowerConfig(
+        num_users=10,
+        num_listings=12,
+        cardinalities=(("make", 4), ("body_type", 3)),
+        num_dense=1,
+        dim=4,
+        id_dim=4,
+        feature_dim=2,
+        hidden=8,
+        id_dropout=0.0,
+    )
+
+
+def _ddp_batch(rank: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(10 + rank)
+    n = 6
+    return {
+        "user_idx": torch.randint(0, 10, (n,), generator=gen),
+        "listing_idx": torch.randint(0, 12, (n,), generator=gen),
+        "codes": torch.stack([torch.randint(0, 4, (n,), generator=gen)] * 2, 1) % 3,
+        "dense": torch.randn(n, 1, generator=gen),
+        "weight": torch.rand(n, generator=gen) + 0.5,
+        "log_q": -torch.rand(n, generator=gen),
+    }
+
+
+def _ddp_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from lib.model import TwoTowerModel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = TwoTowerModel(_ddp_config())
+    net, sync = training._distributed(
+        model, torch.device("cpu"), 2, model.sparse_row_bounds(6, pairs=False)
+    )
+    net(_ddp_batch(rank)).backward()
+    sync()
+    grads = {n: p.grad.to_dense() for n, p in model.named_parameters()}
+    torch.save(grads, f"{out_dir}/grads{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_average_to_the_gradient_of_their_mean_loss(tmp_path):
+    from lib.model import TwoTowerModel
+
+    torch.multiprocessing.spawn(
+        _ddp_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    got = [torch.load(tmp_path / f"grads{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    reference = TwoTowerModel(_ddp_config())
+    ((reference(_ddp_batch(0)) + reference(_ddp_batch(1))) / 2).backward()
+
+    assert set(got[0]) == {n for n, _ in reference.named_parameters()}
+    for name, p in reference.named_parameters():
+        # Dense (DDP's hook) and sparse (SparseGradientSync) alike: the replicas stay equal.
+        assert torch.equal(got[0][name], got[1][name]), name
+        torch.testing.assert_close(got[0][name], p.grad.to_dense(), msg=name)
