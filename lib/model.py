@@ -234,7 +234,7 @@ class TwoTowerModel(nn.Module):
         ids = self.listing_embedding(listing_idx)
         parts = [ids]
         if self.feature_embedding is not None:
-            parts.append(self.feature_embedding(codes + self.code_offsets).flatten(1))
+            parts.append(_lookup(self.feature_embedding, codes + self.code_offsets).flatten(1))
         parts += self._token_bags(tokens)
         x = torch.cat([*parts, dense.to(ids.dtype)], dim=-1)
         return F.normalize(self.listing_mlp(x), dim=-1)
@@ -244,7 +244,7 @@ class TwoTowerModel(nn.Module):
         if self.token_embedding is None:
             return []
         present = (tokens > 0).to(self.token_embedding.weight.dtype)
-        vectors = self.token_embedding(tokens + self.slot_offsets) * present[..., None]
+        vectors = _lookup(self.token_embedding, tokens + self.slot_offsets) * present[..., None]
         bags, start = [], 0
         for _, _, slots in self.config.token_fields:
             part = slice(start, start + slots)
@@ -373,6 +373,13 @@ class TwoTowerModel(nn.Module):
         )
 
 
+def _lookup(table: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """``table(idx)`` for a dense table, as a row gather: the same values and gradient, but the
+    backward is one ``index_add`` instead of ``embedding_dense_backward`` (about 3x slower on
+    CPU for a batch's codes)."""
+    return table.weight.index_select(0, idx.reshape(-1)).view(*idx.shape, table.embedding_dim)
+
+
 def weighted_softmax_cross_entropy(
     users: torch.Tensor,
     listings: torch.Tensor,
@@ -387,8 +394,8 @@ def weighted_softmax_cross_entropy(
 
     Plain autograd on purpose. A hand-written ``autograd.Function`` that kept the softmax for
     its backward was faster on CPU, but under DDP with two ranks it crashed with heap corruption
-    far more often than this version (2 of 3 runs against 0 of 6). The crash still recurs
-    rarely with this version; see the README.
+    far more often than this version (2 of 3 runs against 0 of 6), at the time the id tables'
+    sparse gradients still went through DDP (docs/design-notes.md).
     """
     rows = torch.arange(len(target), device=target.device)
     logits = torch.addmm(column_bias[None, :], users, listings.T, alpha=alpha)

@@ -103,7 +103,9 @@ class SparseGradientSync:
                 dist.broadcast(p.data, src=0, group=self.group)
 
     def __call__(self) -> None:
-        grads = [self._coalesced(p) for p in self.params]
+        grads = [
+            self._gradient(p, most) for p, most in zip(self.params, self.row_bounds, strict=True)
+        ]
         for i, (grad, most) in enumerate(zip(grads, self.row_bounds, strict=True)):
             if grad._nnz() > most:
                 raise RuntimeError(
@@ -138,8 +140,8 @@ class SparseGradientSync:
                 torch.cat([rows for rows, _ in parts])[None],
                 torch.cat([values for _, values in parts]) / world,
                 grad.shape,
-                # Indices come from coalesced gradients of this very table: in range by
-                # construction, so the check would only cost time (and torch warns without it).
+                # Indices come from gradients of this very table: in range by construction, so
+                # the check would only cost time (and torch warns without it).
                 check_invariants=False,
             )
             p.grad = merged.coalesce().to(p.device)
@@ -154,14 +156,17 @@ class SparseGradientSync:
         rows = torch.zeros(most, dtype=torch.int64)
         values = torch.zeros((most, *grad.shape[1:]), dtype=grad.dtype)
         n = grad._nnz()
-        rows[:n] = grad.indices()[0].cpu()
-        values[:n] = grad.values().cpu()
+        rows[:n] = grad._indices()[0].cpu()
+        values[:n] = grad._values().cpu()
         value_bytes = cls._value_bytes(grad, most)
         padding = torch.zeros(_aligned(value_bytes) - value_bytes, dtype=torch.uint8)
         return torch.cat([rows.view(torch.uint8), values.reshape(-1).view(torch.uint8), padding])
 
     @staticmethod
-    def _coalesced(p: torch.nn.Parameter) -> torch.Tensor:
+    def _gradient(p: torch.nn.Parameter, most: int) -> torch.Tensor:
+        """The table's gradient as the backward left it, one row per lookup, unless that is
+        more than ``most`` (a table smaller than a batch's lookups): then coalesced. The copies
+        of a row meet in the merged gradient."""
         if p.grad is None:  # no row of this table in the rank's batch
             return torch.sparse_coo_tensor(
                 torch.empty((1, 0), dtype=torch.int64),
@@ -169,4 +174,4 @@ class SparseGradientSync:
                 p.shape,
                 check_invariants=False,
             )
-        return p.grad.coalesce()
+        return p.grad if p.grad._nnz() <= most else p.grad.coalesce()

@@ -496,15 +496,16 @@ def _sync_rank(rank: int, init_file: str, out_dir: str) -> None:
     # Three floats a row and one row in the first table: the next table's rows start off an
     # 8-byte boundary unless the packed buffer pads them.
     listings = torch.nn.Embedding(5, 3, sparse=True)
-    # Bounds above the touched rows (3 listings, 4 users): each rank's part is padded.
-    sync = sparse_optim.SparseGradientSync([listings.weight, users.weight], [3, 4])
+    # Users: a bound above the lookups, so each rank's part is padded. Listings: one row looked
+    # up twice against a bound of one row, so the gradient must be coalesced before it fits.
+    sync = sparse_optim.SparseGradientSync([listings.weight, users.weight], [1, 4])
     sync.broadcast_from_rank_zero()
     # Rank 0 touches users 1 (twice) and 3; rank 1 touches users 3 and 5. Only rank 0 uses the
     # listings table, so rank 1 has no gradient for it.
     ids = torch.tensor([1, 1, 3]) if rank == 0 else torch.tensor([3, 5])
     loss = users(ids).sum() * (rank + 1)
     if rank == 0:
-        loss = loss + 2 * listings(torch.tensor([4])).sum()
+        loss = loss + 2 * listings(torch.tensor([4, 4])).sum()
     loss.backward()
     sync()
     torch.save(
@@ -528,7 +529,7 @@ def test_sparse_gradient_sync_averages_rows_across_ranks(tmp_path):
     users = torch.zeros(6, 2)
     users[1], users[3], users[5] = 2 / 2, (1 + 2) / 2, 2 / 2  # mean of the two ranks' sums
     listings = torch.zeros(5, 3)
-    listings[4] = 2 / 2
+    listings[4] = 2 * 2 / 2
     for rank in got:
         torch.testing.assert_close(rank["users_grad"], users)
         torch.testing.assert_close(rank["listings_grad"], listings)
