@@ -1,7 +1,8 @@
 """Training throughput of the two-tower model on this machine.
 
     .venv/bin/python bench/train.py [--listings 200000 --users 500000 --examples 1500000]
-        [--batch-size 1024 --dim 32 --configs 1x2,2x1,1x1,1x1+w1] [--max-load 1.5] [--use-gpu]
+        [--batch-size 1024 --dim 32 --configs 1x2,2x1,1x1,1x1+w1 --rounds 3] [--max-load 1.5]
+        [--use-gpu]
 
 Fabricates a training-shards directory of the stage-1 layout (8 Parquet files + manifest.json,
 skewed listing popularity and user activity, log-Q from the counts) once under ``--data``, then
@@ -12,17 +13,21 @@ give a rank. The id tables are sparse (SparseRowAdam) as in production.
 
 A configuration's rate is its last epoch's examples/s as the training loop measures it (all
 ranks' examples over the slowest rank's time, loader included); the first epoch also pays for
-warm-up. ``uptime`` load is recorded before and after each configuration, because on a shared
-machine a rate means little without it.
+warm-up. ``uptime`` load is recorded before and after each run, because on a shared machine a
+rate means little without it.
 
-In the same run, on the same examples (read back from the written ``train/`` files), a plain
+The reference, on the same examples (read back from the written ``train/`` files): a plain
 two-tower loop (``bench/plain_two_tower.py``: id embeddings only, ``nn.Embedding(sparse=True)``
 + ``torch.optim.SparseAdam``, in-batch softmax, same batch size, dim and epochs, one process
-with as many threads as the best configuration has cores) gives the reference rate.
+with as many threads as the largest configuration has cores). The same box's speed drifts by
+a fifth between minutes, so the runs alternate: ``--rounds`` times every configuration, then the
+plain loop. A configuration's ratio is the median over the rounds of its rate over the same
+round's plain rate.
 
-The last printed line is one JSON object: ``examples_per_second`` (best configuration),
-``plain_examples_per_second``, ``ratio_to_plain`` (= the two; goal >= 0.8), ``configs``,
-``plain`` and ``device``.
+The last printed line is one JSON object: ``examples_per_second`` (the best configuration's
+median), ``plain_examples_per_second`` (median), ``ratio_to_plain`` (median of the rounds'
+ratios; goal >= 0.8) and ``ratio_to_plain_range``, ``best_config``, ``configs`` (each with its
+runs), ``plain`` (every round's) and ``device``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -271,21 +277,32 @@ def best_cores(result: dict) -> int:
     return result["processes"] * (result["threads"] + result["num_workers"])
 
 
-def run_plain(shards: Path, args: argparse.Namespace, *, threads: int) -> dict:
-    """The plain two-tower loop on the examples of ``shards``' train/ files, in this process
-    (on the first GPU with ``--use-gpu``)."""
+def _plain(_: int, shards: Path, args: argparse.Namespace, threads: int, results) -> None:
     from bench import plain_two_tower
 
-    before = load()
-    result = plain_two_tower.train_plain(
-        plain_two_tower.read_examples(shards),
-        batch_size=args.batch_size,
-        dim=args.dim,
-        epochs=args.epochs,
-        threads=threads,
-        device="cuda" if args.use_gpu else "cpu",
+    results.put(
+        plain_two_tower.train_plain(
+            plain_two_tower.read_examples(shards),
+            batch_size=args.batch_size,
+            dim=args.dim,
+            epochs=args.epochs,
+            threads=threads,
+            device="cuda" if args.use_gpu else "cpu",
+        )
     )
-    return {**result, "load_before": before, "load_after": load()}
+
+
+def run_plain(shards: Path, args: argparse.Namespace, *, threads: int) -> dict:
+    """The plain two-tower loop on the examples of ``shards``' train/ files (on the first GPU
+    with ``--use-gpu``), in a fresh process like every configuration: none of them inherits
+    another run's memory."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    before = load()
+    mp.start_processes(
+        _plain, args=(shards, args, threads, results), nprocs=1, start_method="spawn"
+    )
+    return {**results.get(), "load_before": before, "load_after": load()}
 
 
 def device_name(use_gpu: bool) -> str:
@@ -311,6 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--hidden", type=int, default=128, help="listing-tower MLP width")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times every configuration and then the plain loop run, alternating",
+    )
     p.add_argument("--configs", default="1x2,2x1,1x1,1x1+w1")
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--use-gpu", action="store_true", help="nccl, one process per GPU")
@@ -333,35 +356,39 @@ def main(argv: list[str] | None = None) -> None:
     shards = fabricate_shards(
         Path(args.data), listings=args.listings, users=args.users, examples=args.examples
     )
-    results = []
-    for text in args.configs.split(","):
+    configs = [parse_config(text) for text in args.configs.split(",")]
+    plain_threads = args.plain_threads or max(best_cores(c) for c in configs)
+    runs: list[list[dict]] = [[] for _ in configs]
+    plains = []
+    for round_ in range(args.rounds):
+        for config, done in zip(configs, runs, strict=True):
+            if args.max_load:
+                wait_for_quiet(args.max_load, args.wait_s)
+            result = run_config(shards, config, args)
+            print(json.dumps({"round": round_ + 1, **result}), flush=True)
+            done.append(result)
         if args.max_load:
             wait_for_quiet(args.max_load, args.wait_s)
-        result = run_config(shards, parse_config(text), args)
-        print(json.dumps(result), flush=True)
-        results.append(result)
-    best = max(results, key=lambda r: r["examples_per_second"])
-    if args.max_load:
-        wait_for_quiet(args.max_load, args.wait_s)
-    plain = run_plain(shards, args, threads=args.plain_threads or best_cores(best))
-    print(json.dumps({"plain": plain}), flush=True)
-    ratio = best["examples_per_second"] / max(plain["plain_examples_per_second"], 1)
+        plains.append(run_plain(shards, args, threads=plain_threads))
+        print(json.dumps({"round": round_ + 1, "plain": plains[-1]}), flush=True)
+    plain_rates = [p["plain_examples_per_second"] for p in plains]
+    summaries = [
+        summarise(config, done, plain_rates) for config, done in zip(configs, runs, strict=True)
+    ]
+    best = max(summaries, key=lambda r: r["ratio_to_plain"])
     print(
         json.dumps(
             {
                 "examples_per_second": best["examples_per_second"],
-                "plain_examples_per_second": plain["plain_examples_per_second"],
-                "ratio_to_plain": round(ratio, 3),
-                # The same per CPU-second of the training processes: moves less with the load.
-                "ratio_to_plain_per_cpu_second": round(
-                    best["examples_per_cpu_second"]
-                    / max(plain["epochs"][-1]["examples_per_cpu_second"], 1),
-                    3,
-                ),
+                "plain_examples_per_second": round(statistics.median(plain_rates)),
+                "ratio_to_plain": best["ratio_to_plain"],
+                "ratio_to_plain_range": best["ratio_to_plain_range"],
                 "goal_ratio_to_plain_min": GOAL_RATIO_TO_PLAIN,
-                "best_config": f"{best['processes']}x{best['threads']}+w{best['num_workers']}",
-                "configs": results,
-                "plain": plain,
+                "best_config": best["config"],
+                "rounds": args.rounds,
+                "plain_threads": plain_threads,
+                "configs": summaries,
+                "plain": plains,
                 "device": device_name(args.use_gpu),
                 "catalogue": {"listings": args.listings, "users": args.users},
                 "examples_per_epoch": args.examples,
@@ -371,6 +398,21 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     )
+
+
+def summarise(config: dict, runs: list[dict], plain_rates: list[int]) -> dict:
+    """One configuration over the rounds: its median rate and, round by round, its rate over
+    the plain loop's of the same round (median and range): pairing each run with the plain
+    run next to it cancels most of what the machine's speed drifts by between rounds."""
+    rates = [r["examples_per_second"] for r in runs]
+    ratios = [rate / max(plain, 1) for rate, plain in zip(rates, plain_rates, strict=True)]
+    return {
+        "config": f"{config['processes']}x{config['threads']}+w{config['num_workers']}",
+        "examples_per_second": round(statistics.median(rates)),
+        "ratio_to_plain": round(statistics.median(ratios), 3),
+        "ratio_to_plain_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "runs": runs,
+    }
 
 
 if __name__ == "__main__":
