@@ -309,5 +309,28 @@ def ease_neighbours(
             block = query_pos[start : start + _QUERY_BLOCK]
             idx, best = top_k_rows(make(block), k)
             tables.append(_ranked_table(item_ids[block], item_ids, idx, best))
-        out[lam] = spark.createDataFrame(pa.concat_tables(tables), schema=RANKED_SCHEMA)
+        out[lam] = from_driver(spark, pa.concat_tables(tables), RANKED_SCHEMA)
     return out
+
+
+def from_driver(
+    spark: SparkSession, table: pa.Table, schema: StructType, max_bytes: int = 512 << 10
+) -> DataFrame:
+    """A driver-side Arrow table as a DataFrame whose tasks each read a slice of about
+    ``max_bytes`` from one broadcast of it.
+
+    ``createDataFrame`` would serialise the rows into the tasks themselves, half the table per
+    task on two cores, and Spark warns about every task over 1 MB (EASE's lists for a few
+    thousand queries are several MB).
+    """
+    slices = max(1, math.ceil(table.nbytes / max_bytes))
+    rows = max(1, math.ceil(table.num_rows / slices))
+    shipped = spark.sparkContext.broadcast(table)
+
+    def emit(batches):
+        for batch in batches:
+            for index in batch.column("id").to_pylist():
+                yield from shipped.value.slice(index * rows, rows).to_batches()
+
+    partitions = min(slices, spark.sparkContext.defaultParallelism)
+    return spark.range(0, slices, numPartitions=partitions).mapInArrow(emit, schema)

@@ -224,3 +224,28 @@ def test_ease_neighbours_skips_catalogue_above_max_items(spark, catalogue, examp
         got
         == "EASE skipped: 5 listings with interactions > max_items=4 (an 5×5 matrix on the driver)"
     )
+
+
+def test_lists_reach_spark_from_a_broadcast_in_slices(spark):
+    import pyarrow as pa
+
+    from lib.schema_check import arrow_schema
+
+    n = 6_000
+    table = pa.table(
+        {
+            "listing_id": [f"L{i:07d}" for i in range(n)],
+            "neighbour_id": [f"N{i:07d}" for i in range(n)],
+            "rank": pa.array(np.arange(n) % 20 + 1, pa.int32()),
+            "score": pa.array(np.linspace(1, 0, n), pa.float32()),
+        },
+        schema=arrow_schema(ease.RANKED_SCHEMA),
+    )
+    df = ease.from_driver(spark, table, ease.RANKED_SCHEMA, max_bytes=32 << 10)
+
+    got = df.toArrow().sort_by("listing_id")
+    assert got.num_rows == n
+    assert got.cast(table.schema).equals(table)
+    # Every slice of the broadcast table is one task's work: none is lost or read twice.
+    assert math.ceil(table.nbytes / (32 << 10)) > 2
+    assert ease.from_driver(spark, table.slice(0, 0), ease.RANKED_SCHEMA).count() == 0
