@@ -93,7 +93,7 @@ class SparseGradientSync:
         if len(row_bounds) != len(params):
             raise ValueError(f"{len(row_bounds)} row bounds for {len(params)} tables")
         self.params = params
-        self.row_bounds = [min(int(b), len(p)) for b, p in zip(row_bounds, params, strict=True)]
+        self.row_bounds = [int(b) for b in row_bounds]
         self.group = group
 
     def broadcast_from_rank_zero(self) -> None:
