@@ -272,7 +272,7 @@ def run_config(shards: Path, config: dict, args: argparse.Namespace) -> dict:
 GOAL_RATIO_TO_PLAIN = 0.8
 
 
-def best_cores(result: dict) -> int:
+def config_cores(result: dict) -> int:
     """Cores a configuration keeps busy: processes x threads (+ loader workers)."""
     return result["processes"] * (result["threads"] + result["num_workers"])
 
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         "--plain-threads",
         type=int,
         default=0,
-        help="torch threads of the plain loop (default: the best configuration's cores)",
+        help="torch threads of the plain loop (default: the largest configuration's cores)",
     )
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "bench-train-shards"))
     args = p.parse_args(argv)
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.data), listings=args.listings, users=args.users, examples=args.examples
     )
     configs = [parse_config(text) for text in args.configs.split(",")]
-    plain_threads = args.plain_threads or max(best_cores(c) for c in configs)
+    plain_threads = args.plain_threads or max(config_cores(c) for c in configs)
     runs: list[list[dict]] = [[] for _ in configs]
     plains = []
     for round_ in range(args.rounds):
